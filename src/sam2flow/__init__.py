@@ -1,0 +1,14 @@
+"""sam2flow: Segment Anything 2 on images, as a production-grade step for vision pipelines."""
+
+from .engine.cache import EmbeddingCache
+from .engine.engine import ImageEmbedding, Prediction, Sam2Engine
+from .engine.prompts import Prompt
+from .models.convert import CheckpointError
+from .models.registry import VERSIONS, FAMILIES, get_spec
+from .models.weights import load_model
+
+__all__ = [
+    "Sam2Engine", "ImageEmbedding", "Prediction", "Prompt", "EmbeddingCache",
+    "CheckpointError", "load_model", "get_spec", "VERSIONS", "FAMILIES",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,244 @@
+"""Sam2Engine: batched image embedding and one-call-per-image prompt decoding."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..models.registry import ModelSpec
+from ..models.weights import load_model
+from . import transforms as T
+from .cache import EmbeddingCache, content_hash
+from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
+
+LOW_RES = 256  # side of the decoder's mask logits
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """What the decoder needs of one image.
+
+    ``image_embed``: (256, 64, 64); ``high_res_feats``: (32, 256, 256) and (64, 128, 128), already
+    projected by the decoder's ``conv_s0``/``conv_s1``; ``original_size``: (H, W) in pixels.
+    """
+
+    image_embed: torch.Tensor
+    high_res_feats: tuple[torch.Tensor, torch.Tensor]
+    original_size: tuple[int, int]
+    key: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.image_embed, *self.high_res_feats))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Best mask per prompt: ``masks`` (N, H, W) bool, ``scores`` (N,) predicted IoU,
+    ``low_res_logits`` (N, 256, 256) float32 clamped to ±32 (usable as a later ``mask_input``)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class Sam2Engine:
+    """SAM2 on images: ``embed`` images in batches, then ``predict`` any number of prompts per image.
+
+    ``dtype`` applies to the image encoder (the expensive part); the prompt decoder runs in
+    float32 so masks and scores keep full precision. Embeddings are cached by image content in
+    ``cache`` (shared by every caller; pass one cache to several engines to share it).
+    """
+
+    def __init__(
+        self,
+        model,
+        spec: ModelSpec,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = torch.float32,
+        max_batch_size: int = 4,
+        cache: EmbeddingCache | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.spec = spec
+        self.device = pick_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.max_batch_size = max_batch_size
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.model = model.eval().to(self.device, torch.float32)
+        self.model.vision_encoder.to(self.dtype)
+        self.input_size = int(model.config.prompt_encoder_config.image_size)
+        with torch.inference_mode():
+            self._image_pe = self.model.get_image_wide_positional_embeddings()
+        # One forward at a time per engine: torch already uses every core for one batch.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        version: str = "hiera_tiny",
+        family: str = "sam2.1",
+        checkpoint: str | None = None,
+        **kwargs,
+    ) -> "Sam2Engine":
+        """Find and load weights (see ``sam2flow.models.weights.load_model``) and build an engine."""
+        model, spec = load_model(version, family, checkpoint)
+        return cls(model, spec, **kwargs)
+
+    # ---- embedding -------------------------------------------------------------------------
+
+    def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[ImageEmbedding]:
+        """Embed RGB images of any sizes, ``max_batch_size`` at a time; cached by content."""
+        if isinstance(images, np.ndarray):
+            raise ValueError("embed() takes a list of images; wrap a single image as [image]")
+        rgb = [T.as_rgb_uint8(im, f"image {i}") for i, im in enumerate(images)]
+        keys = [f"{self.spec.name}|{self.dtype}|{content_hash(im)}" for im in rgb]
+        found: dict[str, ImageEmbedding] = {}
+        if use_cache:
+            for k in set(keys):
+                hit = self.cache.get(k)
+                if hit is not None:
+                    found[k] = hit
+        todo: dict[str, np.ndarray] = {}
+        for k, im in zip(keys, rgb):
+            if k not in found:
+                todo.setdefault(k, im)
+        items = list(todo.items())
+        for start in range(0, len(items), self.max_batch_size):
+            chunk = items[start : start + self.max_batch_size]
+            for (k, _), emb in zip(chunk, self._embed_batch([k for k, _ in chunk], [im for _, im in chunk])):
+                found[k] = emb
+                if use_cache:
+                    self.cache.put(k, emb)
+        return [found[k] for k in keys]
+
+    def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
+        with self._lock, torch.inference_mode():
+            pixels = T.preprocess(images, self.input_size, self.device, self.dtype)
+            fpn = self.model.vision_encoder(pixels).fpn_hidden_states  # high → low resolution
+            decoder = self.model.mask_decoder
+            s0 = decoder.conv_s0(fpn[0].float())
+            s1 = decoder.conv_s1(fpn[1].float())
+            embed = fpn[2].float() + self.model.no_memory_embedding.view(1, -1, 1, 1)
+        return [
+            ImageEmbedding(embed[i].clone(), (s0[i].clone(), s1[i].clone()), im.shape[:2], k)
+            for i, (k, im) in enumerate(zip(keys, images))
+        ]
+
+    # ---- decoding --------------------------------------------------------------------------
+
+    def predict(
+        self,
+        embedding: ImageEmbedding,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        mask_input=None,
+        multimask_output: bool = True,
+    ) -> Prediction:
+        """Decode N prompts of one image in one decoder call.
+
+        ``boxes``: (N, 4) x1, y1, x2, y2 pixels; ``points``: (N, P, 2) x, y pixels (or (P, 2) for one
+        prompt) with ``point_labels`` (N, P) of 1/0; both together give each box its clicks.
+        ``mask_input``: (N, 256, 256) low-resolution logits of an earlier prediction.
+        With ``multimask_output`` the best of three candidates is chosen by predicted IoU at low
+        resolution, so only that mask is upsampled.
+        """
+        hw = embedding.original_size
+        b = check_boxes(boxes, hw) if boxes is not None else None
+        p, lab = check_points(points, point_labels) if points is not None else (None, None)
+        if b is None and p is None:
+            raise ValueError("predict() needs boxes, points, or both")
+        if b is not None and p is not None and len(b) != len(p):
+            raise ValueError(f"{len(b)} boxes but {len(p)} point prompts: they must pair one to one")
+        n = len(b) if b is not None else len(p)
+        m = check_mask_input(mask_input, n) if mask_input is not None else None
+        return self._decode(embedding, PromptArrays(b, p, lab, m), multimask_output)
+
+    def predict_prompts(
+        self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask_output: bool = True
+    ) -> Prediction:
+        """Decode a list of ``Prompt`` objects of any mix of shapes; results in prompt order."""
+        h, w = embedding.original_size
+        if not prompts:
+            return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, LOW_RES, LOW_RES), np.float32))
+        groups = group_prompts(prompts, embedding.original_size)
+        if len(groups) == 1:
+            return self._decode(embedding, groups[0][1], multimask_output)
+        n = len(prompts)
+        masks = np.zeros((n, h, w), bool)
+        scores = np.zeros(n, np.float32)
+        logits = np.zeros((n, LOW_RES, LOW_RES), np.float32)
+        for idx, arrays in groups:
+            part = self._decode(embedding, arrays, multimask_output)
+            masks[idx], scores[idx], logits[idx] = part.masks, part.scores, part.low_res_logits
+        return Prediction(masks, scores, logits)
+
+    def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool) -> Prediction:
+        dev = self.device
+        coords, labels = [], []
+        if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
+            coords.append(torch.from_numpy(prompts.boxes).view(-1, 2, 2))
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int32).expand(prompts.count, 2))
+        if prompts.points is not None:
+            coords.append(torch.from_numpy(prompts.points))
+            labels.append(torch.from_numpy(prompts.labels))
+        with self._lock, torch.inference_mode():
+            xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
+            lab = torch.cat(labels, 1).to(dev)
+            mask = torch.from_numpy(prompts.mask_input).to(dev) if prompts.mask_input is not None else None
+            # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows, and
+            # the image embedding is expanded, not copied; high-resolution features broadcast.
+            sparse, dense = self.model.prompt_encoder(xy[:, None], lab[:, None], None, mask)
+            low_res, iou, _, _ = self.model.mask_decoder(
+                image_embeddings=emb.image_embed[None].expand(len(xy), -1, -1, -1),
+                image_positional_embeddings=self._image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+                high_resolution_features=[f[None] for f in emb.high_res_feats],
+            )
+            low_res, iou = low_res[:, 0], iou[:, 0]  # (N, C, 256, 256), (N, C)
+            best = iou.argmax(dim=1)
+            rows = torch.arange(low_res.shape[0], device=dev)
+            low_res, scores = low_res[rows, best], iou[rows, best]
+            masks = T.upsample_masks(low_res, emb.original_size)
+            low_res = low_res.clamp(-T.LOW_RES_LOGIT_LIMIT, T.LOW_RES_LOGIT_LIMIT)
+            return Prediction(masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy())
+
+    def segment(self, image: np.ndarray, boxes=None, points=None, point_labels=None, multimask_output: bool = True) -> Prediction:
+        """Embed one image (cached) and decode its prompts."""
+        return self.predict(self.embed([image])[0], boxes, points, point_labels, multimask_output=multimask_output)

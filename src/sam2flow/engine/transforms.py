@@ -1,0 +1,89 @@
+"""All coordinate and image maths in one place, matching Meta's ``SAM2Transforms``.
+
+Images: RGB uint8 (H, W, 3) → float in [0, 1] → bilinear antialiased resize to the model's square
+input (1024 × 1024) → ImageNet mean/std. Coordinates: pixel (x, y) in the original image → the
+same point in the 1024 × 1024 input frame (x · 1024 / W, y · 1024 / H). Masks: low-resolution
+logits (256 × 256) → bilinear (align_corners=False) to the original (H, W); logits > 0 is the mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_THRESHOLD = 0.0
+LOW_RES_LOGIT_LIMIT = 32.0  # the reference clamps returned low-resolution logits to ±32
+
+
+def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate an image and return it as a contiguous (H, W, 3) uint8 RGB array.
+
+    Grayscale (H, W) or (H, W, 1) is replicated to three channels; RGBA drops alpha. Float images
+    in [0, 1] are not guessed at: only uint8 (or integer arrays within 0..255) are accepted.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array (H, W, 3) of uint8, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{name} has unsupported shape {image.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
+            raise ValueError(f"{name} must be uint8 (0..255), got dtype {image.dtype}")
+        image = image.astype(np.uint8)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    return np.ascontiguousarray(image)
+
+
+def preprocess(images: list[np.ndarray], size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Stack images into the model input: (B, 3, size, size) normalised tensor on ``device``.
+
+    Each image is moved to the device as uint8 (a quarter of the bytes of float) and converted
+    there; the maths is the reference's, in float32, then cast to ``dtype``.
+    """
+    pinned = device.type == "cuda"
+    out = []
+    for image in images:
+        t = torch.from_numpy(image)
+        if pinned:
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=pinned).permute(2, 0, 1).float().div_(255.0)
+        out.append(F.interpolate(t[None], (size, size), mode="bilinear", align_corners=False, antialias=True))
+    batch = torch.cat(out)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return ((batch - mean) / std).to(dtype)
+
+
+def to_input_frame(coords: torch.Tensor, original_hw: tuple[int, int], size: int) -> torch.Tensor:
+    """Map pixel coordinates (..., 2) as (x, y) in the original image to the model's input frame.
+
+    Divide by the image size, then multiply by the input size, in that order: the reference does
+    the same, so float32 rounding is identical.
+    """
+    h, w = original_hw
+    out = coords.clone()
+    out[..., 0] /= w
+    out[..., 1] /= h
+    return out * size
+
+
+def upsample_masks(low_res: torch.Tensor, original_hw: tuple[int, int], max_elements: int = 1 << 25) -> torch.Tensor:
+    """Low-resolution logits (N, 256, 256) → boolean masks (N, H, W), in chunks to bound memory."""
+    n = low_res.shape[0]
+    h, w = original_hw
+    out = torch.empty((n, h, w), dtype=torch.bool, device=low_res.device)
+    step = max(1, max_elements // max(1, h * w))
+    for start in range(0, n, step):
+        chunk = low_res[start : start + step, None].float()
+        up = F.interpolate(chunk, (h, w), mode="bilinear", align_corners=False)
+        torch.gt(up[:, 0], MASK_THRESHOLD, out=out[start : start + step])
+    return out

@@ -1,0 +1,1 @@
+"""Model registry, weight discovery and checkpoint conversion."""
