@@ -108,9 +108,9 @@ def group_prompts(prompts: Sequence[Prompt], image_hw: tuple[int, int]) -> list[
     """
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
-        if p.box is None and p.points is None:
-            raise ValueError(f"prompt {i} has neither a box nor points")
         n_points = 0 if p.points is None else len(p.points)
+        if p.box is None and n_points == 0:  # points=[] is no prompt either
+            raise ValueError(f"prompt {i} has neither a box nor points")
         groups.setdefault((p.box is not None, n_points, p.mask_input is not None), []).append(i)
     out = []
     for (has_box, n_points, has_mask), idx in groups.items():

@@ -52,7 +52,7 @@ def preprocess(images: list[np.ndarray], size: int, device: torch.device, dtype:
     pinned = device.type == "cuda"
     out = []
     for image in images:
-        t = torch.from_numpy(image)
+        t = torch.from_numpy(image if image.flags.writeable else image.copy())
         if pinned:
             t = t.pin_memory()
         t = t.to(device, non_blocking=pinned).permute(2, 0, 1).float().div_(255.0)

@@ -107,7 +107,9 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
     for key, value in state_dict.items():
         if key == _POSITIONAL:
             out["prompt_encoder.shared_embedding.positional_embedding"] = value
-            out["shared_image_embedding.positional_embedding"] = value
+            # A copy, not the same tensor: Sam2Model keeps two independent buffers, and shared
+            # storage makes ``save_pretrained`` refuse the model (untied shared tensors).
+            out["shared_image_embedding.positional_embedding"] = value.clone()
         elif m := _POINT_EMBED.fullmatch(key):
             points[int(m.group(1))] = value
         elif video.fullmatch(key):

@@ -1,0 +1,163 @@
+"""The ``sam2flow`` command line: ``segment`` an image with boxes and clicks.
+
+Errors end in one line on stderr (``sam2flow: error: ...``) and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
+
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not comma-separated numbers") from None
+    if len(values) not in n:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} needs {' or '.join(map(str, n))} numbers")
+    return values
+
+
+def _box(text: str) -> list[float]:
+    return _floats(text, (4,), "--box")
+
+
+def _point(text: str) -> list[float]:
+    values = _floats(text, (2, 3), "--point")
+    if len(values) == 3 and values[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"--point {text!r}: label must be 1 (positive) or 0 (negative)")
+    return values if len(values) == 3 else values + [1.0]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sam2flow: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sam2flow", description="Segment Anything 2 on images.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    seg = sub.add_parser("segment", help="segment objects in one image from boxes and clicks")
+    seg.add_argument("image", help="image file (any format Pillow reads)")
+    seg.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
+                     help="a box prompt in pixels; repeat for more objects")
+    seg.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]",
+                     help="a click (label 1 positive, default; 0 negative); all clicks form one prompt, "
+                          "which joins the box when exactly one --box is given")
+    seg.add_argument("--boxes", type=Path, metavar="FILE.json",
+                     help="detections in the prediction JSON format (x, y, width, height as centre and size)")
+    _add_model_args(seg)
+    seg.add_argument("--threshold", type=float, default=0.0, help="drop masks scoring below this (default 0)")
+    seg.add_argument("--single-mask", action="store_true", help="single-mask mode instead of best of three")
+    seg.add_argument("--format", choices=("json", "rle"), default="json",
+                     help="json: polygon points per mask; rle: COCO RLE per mask")
+    seg.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+    seg.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the image with masks, boxes and labels")
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", choices=VERSIONS, default=DEFAULT_VERSION)
+    p.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
+    p.add_argument("--checkpoint", help="an original .pt, a Hugging Face directory or repository id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="image encoder precision")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); grayscale and RGBA are converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {path} cannot be read: {e}") from None
+
+
+def _prompts(args, image_hw):
+    """Prompts, class ids/names and parent ids, in prompt order: --boxes file, --box, then clicks."""
+    from .engine.prompts import Prompt, group_prompts
+    from .formats import predictions_to_detections
+
+    prompts, class_ids, class_names, parents = [], [], [], []
+    if args.boxes is not None:
+        try:
+            data = json.loads(args.boxes.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--boxes {args.boxes}: {e}") from None
+        dets = predictions_to_detections(data, image_hw)
+        ids = dets.data.get("detection_id")
+        for i, box in enumerate(dets.xyxy):
+            prompts.append(Prompt(box=box.tolist()))
+            class_ids.append(int(dets.class_id[i]))
+            class_names.append(str(dets.data["class_name"][i]))
+            parents.append(None if ids is None else ids[i])
+    for box in args.box:
+        prompts.append(Prompt(box=box))
+    clicks = [p[:2] for p in args.point]
+    labels = [int(p[2]) for p in args.point]
+    if clicks and len(prompts) == 1:
+        prompts[0] = Prompt(box=prompts[0].box, points=clicks, labels=labels)
+    elif clicks:
+        prompts.append(Prompt(points=clicks, labels=labels))
+    for i in range(len(class_ids), len(prompts)):
+        class_ids.append(i)
+        class_names.append(str(i))
+        parents.append(None)
+    if not prompts:
+        raise ValueError("no prompts: give --box, --point or --boxes")
+    group_prompts(prompts, image_hw)  # fail on bad prompts before loading a model
+    return prompts, class_ids, class_names, parents
+
+
+def cmd_segment(args) -> int:
+    from .detections import masks_to_detections
+    from .engine.engine import Sam2Engine
+    from .formats import detections_to_predictions
+
+    image = read_image(args.image)
+    h, w = image.shape[:2]
+    prompts, class_ids, class_names, parents = _prompts(args, (h, w))
+    engine = Sam2Engine.from_pretrained(
+        args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype
+    )
+    result = engine.predict_prompts(engine.embed([image])[0], prompts, multimask_output=not args.single_mask)
+    has_parents = any(p is not None for p in parents)
+    detections = masks_to_detections(
+        result.masks, result.scores, class_ids, class_names, parents if has_parents else None, args.threshold
+    )
+    mask_format = "rle" if args.format == "rle" else "polygon"
+    payload = {"image": {"width": w, "height": h}, "predictions": detections_to_predictions(detections, mask_format)}
+    text = json.dumps(payload)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    if args.annotate:
+        from .annotate import write_annotated
+
+        write_annotated(image, detections, args.annotate)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"segment": cmd_segment}[args.command](args)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split())
+        print(f"sam2flow: error: {message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,79 @@
+"""Shared test fixtures: original-layout checkpoints with random weights, built by Meta's package.
+
+No weights can be downloaded here, so every checkpoint is made by the tests: Meta's ``sam2``
+package builds the model from its own config with a fixed seed, and we save its state dict the
+way the official release files are saved (``{"model": state_dict}``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sam2flow.models.registry import ModelSpec, get_spec
+
+# Tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_MODELS: dict[tuple[str, str], object] = {}
+
+
+def build_reference(spec: ModelSpec, seed: int = 0):
+    """Meta's SAM2Base for ``spec`` with seeded random weights (memoised per spec)."""
+    key = (spec.version, spec.family)
+    if key not in _MODELS:
+        from sam2.build_sam import build_sam2
+
+        torch.manual_seed(seed)
+        _MODELS[key] = build_sam2(spec.meta_config, ckpt_path=None, device="cpu", mode="eval")
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(checkpoint_dir):
+    """``make_checkpoint(version, family)`` → path of an original-layout ``.pt`` named as released."""
+
+    def make(version: str = "hiera_tiny", family: str = "sam2.1"):
+        spec = get_spec(version, family)
+        path = checkpoint_dir / spec.checkpoint_name
+        if not path.exists():
+            torch.save({"model": build_reference(spec).state_dict()}, path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint):
+    return make_checkpoint("hiera_tiny", "sam2.1")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from sam2flow import Sam2Engine
+
+    return Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu")
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (blobs, not white noise), so masks have structure."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3)).astype(np.float32)
+    t = torch.from_numpy(small).permute(2, 0, 1)[None]
+    big = torch.nn.functional.interpolate(t, (h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    noise = rng.normal(0, 8, (h, w, 3))
+    return np.clip(big.numpy() + noise, 0, 255).astype(np.uint8)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
