@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -74,6 +75,21 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def weights_fingerprint(model) -> str:
+    """A short hash of a few weights from each part of the network (cheap; tells checkpoints apart)."""
+    tensors = [
+        model.vision_encoder.backbone.patch_embed.projection.weight,
+        model.vision_encoder.neck.convs[0].weight,
+        model.mask_decoder.iou_token.weight,
+        model.mask_decoder.mask_tokens.weight,
+        model.prompt_encoder.point_embed.weight,
+    ]
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 class Sam2Engine:
     """SAM2 on images: ``embed`` images in batches, then ``predict`` any number of prompts per image.
 
@@ -103,6 +119,9 @@ class Sam2Engine:
         self.input_size = int(model.config.prompt_encoder_config.image_size)
         with torch.inference_mode():
             self._image_pe = self.model.get_image_wide_positional_embeddings()
+        # Cache keys name the weights, not only the size: engines with different checkpoints
+        # (a fine-tuned one, say) or devices may share one cache without mixing embeddings.
+        self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{weights_fingerprint(self.model)}"
         # One forward at a time per engine: torch already uses every core for one batch.
         self._lock = threading.Lock()
 
@@ -125,7 +144,7 @@ class Sam2Engine:
         if isinstance(images, np.ndarray):
             raise ValueError("embed() takes a list of images; wrap a single image as [image]")
         rgb = [T.as_rgb_uint8(im, f"image {i}") for i, im in enumerate(images)]
-        keys = [f"{self.spec.name}|{self.dtype}|{content_hash(im)}" for im in rgb]
+        keys = [f"{self._model_id}|{content_hash(im)}" for im in rgb]
         found: dict[str, ImageEmbedding] = {}
         if use_cache:
             for k in set(keys):
@@ -179,12 +198,16 @@ class Sam2Engine:
         """
         hw = embedding.original_size
         b = check_boxes(boxes, hw) if boxes is not None else None
+        if points is None and point_labels is not None:
+            raise ValueError("point_labels were given without points")
         p, lab = check_points(points, point_labels) if points is not None else (None, None)
         if b is None and p is None:
             raise ValueError("predict() needs boxes, points, or both")
         if b is not None and p is not None and len(b) != len(p):
             raise ValueError(f"{len(b)} boxes but {len(p)} point prompts: they must pair one to one")
         n = len(b) if b is not None else len(p)
+        if n == 0:  # a detector that found nothing
+            return self.predict_prompts(embedding, [])
         m = check_mask_input(mask_input, n) if mask_input is not None else None
         return self._decode(embedding, PromptArrays(b, p, lab, m), multimask_output)
 
@@ -207,8 +230,15 @@ class Sam2Engine:
             masks[idx], scores[idx], logits[idx] = part.masks, part.scores, part.low_res_logits
         return Prediction(masks, scores, logits)
 
-    def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool) -> Prediction:
-        dev = self.device
+    def decode_low_res(
+        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every candidate of every prompt, before any selection or upsampling.
+
+        Returns low-resolution logits (N, C, 256, 256) and predicted IoU (N, C) on the engine's
+        device, C = 3 with ``multimask_output`` else 1. For callers that rank candidates
+        themselves (automatic mask generation); ``predict`` is the usual entry point.
+        """
         coords, labels = [], []
         if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
             coords.append(torch.from_numpy(prompts.boxes).view(-1, 2, 2))
@@ -216,6 +246,7 @@ class Sam2Engine:
         if prompts.points is not None:
             coords.append(torch.from_numpy(prompts.points))
             labels.append(torch.from_numpy(prompts.labels))
+        dev = self.device
         with self._lock, torch.inference_mode():
             xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
             lab = torch.cat(labels, 1).to(dev)
@@ -231,9 +262,13 @@ class Sam2Engine:
                 multimask_output=multimask_output,
                 high_resolution_features=[f[None] for f in emb.high_res_feats],
             )
-            low_res, iou = low_res[:, 0], iou[:, 0]  # (N, C, 256, 256), (N, C)
+        return low_res[:, 0], iou[:, 0]
+
+    def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool) -> Prediction:
+        low_res, iou = self.decode_low_res(emb, prompts, multimask_output)
+        with torch.inference_mode():
             best = iou.argmax(dim=1)
-            rows = torch.arange(low_res.shape[0], device=dev)
+            rows = torch.arange(low_res.shape[0], device=low_res.device)
             low_res, scores = low_res[rows, best], iou[rows, best]
             masks = T.upsample_masks(low_res, emb.original_size)
             low_res = low_res.clamp(-T.LOW_RES_LOGIT_LIMIT, T.LOW_RES_LOGIT_LIMIT)

@@ -40,7 +40,7 @@ class PromptArrays:
 
 
 def _finite(a: np.ndarray, what: str) -> None:
-    bad = ~np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+    bad = ~np.isfinite(a).reshape(len(a), -1).all(axis=1) if a.size else np.zeros(0, bool)
     if bad.any():
         raise ValueError(f"{what} {int(np.argmax(bad))} has a NaN or infinite coordinate")
 
@@ -48,7 +48,7 @@ def _finite(a: np.ndarray, what: str) -> None:
 def check_boxes(boxes, image_hw: tuple[int, int]) -> np.ndarray:
     """(N, 4) xyxy float32 boxes, clipped to the image; NaN, inverted, empty or outside → ValueError."""
     try:
-        b = np.asarray(boxes, dtype=np.float32)
+        b = np.array(boxes, dtype=np.float32)  # a copy: the clipping below must not edit the caller's boxes
     except (TypeError, ValueError):
         raise ValueError("boxes must be numbers (x1, y1, x2, y2)") from None
     if b.ndim == 1 and b.size == 4:
@@ -100,27 +100,45 @@ def check_mask_input(mask_input, n: int) -> np.ndarray:
     return m
 
 
+def _check_prompt(p: Prompt, image_hw: tuple[int, int]) -> PromptArrays:
+    """One prompt as arrays with a leading axis of 1."""
+    if p.points is None and p.labels is not None:
+        raise ValueError("labels were given without points")
+    if p.box is None and (p.points is None or len(p.points) == 0):  # points=[] is no prompt either
+        raise ValueError("it has neither a box nor points")
+    boxes = check_boxes([p.box], image_hw) if p.box is not None else None
+    points = labels = None
+    if p.points is not None:
+        if p.labels is None:
+            raise ValueError("it has points without labels")
+        points, labels = check_points([p.points], [p.labels])
+    masks = check_mask_input(np.asarray(p.mask_input)[None], 1) if p.mask_input is not None else None
+    return PromptArrays(boxes, points, labels, masks)
+
+
+def _stack(parts: list[PromptArrays]) -> PromptArrays:
+    def cat(name):
+        arrays = [getattr(a, name) for a in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    return PromptArrays(cat("boxes"), cat("points"), cat("labels"), cat("mask_input"))
+
+
 def group_prompts(prompts: Sequence[Prompt], image_hw: tuple[int, int]) -> list[tuple[list[int], PromptArrays]]:
     """Validate prompts and group those of the same shape, so that each group is one decoder call.
 
     Prompts with different numbers of points cannot share a call without padding tokens that
     change the result, so they are decoded in separate calls. Returns (indices, arrays) pairs.
+    Errors name the prompt's index in ``prompts``.
     """
     groups: dict[tuple, list[int]] = {}
+    checked: list[PromptArrays] = []
     for i, p in enumerate(prompts):
-        n_points = 0 if p.points is None else len(p.points)
-        if p.box is None and n_points == 0:  # points=[] is no prompt either
-            raise ValueError(f"prompt {i} has neither a box nor points")
-        groups.setdefault((p.box is not None, n_points, p.mask_input is not None), []).append(i)
-    out = []
-    for (has_box, n_points, has_mask), idx in groups.items():
-        sel = [prompts[i] for i in idx]
-        boxes = check_boxes([p.box for p in sel], image_hw) if has_box else None
-        points = labels = None
-        if n_points:
-            if any(p.labels is None for p in sel):
-                raise ValueError(f"prompt {idx[[p.labels is None for p in sel].index(True)]} has points without labels")
-            points, labels = check_points([p.points for p in sel], [p.labels for p in sel])
-        masks = check_mask_input(np.stack([np.asarray(p.mask_input) for p in sel]), len(sel)) if has_mask else None
-        out.append((idx, PromptArrays(boxes, points, labels, masks)))
-    return out
+        try:
+            a = _check_prompt(p, image_hw)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        checked.append(a)
+        n_points = 0 if a.points is None else a.points.shape[1]
+        groups.setdefault((a.boxes is not None, n_points, a.mask_input is not None), []).append(i)
+    return [(idx, _stack([checked[i] for i in idx])) for idx in groups.values()]

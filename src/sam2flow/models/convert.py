@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .registry import ModelSpec, get_spec, VERSIONS
+from .registry import VERSIONS, ModelSpec, get_spec
 
 # (pattern, replacement), tried in order; the first full match wins.
 _RENAMES: list[tuple[re.Pattern, str]] = [
@@ -74,18 +74,27 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be turned into the requested model."""
 
 
-def detect_spec(state_dict: dict[str, torch.Tensor]) -> ModelSpec | None:
-    """Guess version and family from an original state dict (trunk depth, width, 2.1-only keys)."""
-    family = "sam2.1" if "no_obj_embed_spatial" in state_dict else "sam2"
+def detect_spec(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, str | None]:
+    """(version, family) of an original state dict; None for what cannot be told.
+
+    The version follows from the trunk's depth and width; the family only from video-memory keys
+    (2.1 added ``no_obj_embed_spatial`` and ``obj_ptr_tpos_proj``).
+    """
+    if "no_obj_embed_spatial" in state_dict or "obj_ptr_tpos_proj.weight" in state_dict:
+        family = "sam2.1"
+    elif any(k.startswith("memory_attention.") for k in state_dict):
+        family = "sam2"
+    else:
+        family = None
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))}
     patch = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
-    if patch is None or not blocks:
-        return None
-    for version in VERSIONS:
-        spec = get_spec(version, family)
-        if spec.arch.num_blocks == max(blocks) + 1 and spec.arch.embed_dim == patch.shape[0]:
-            return spec
-    return None
+    version = None
+    if patch is not None and blocks:
+        for v in VERSIONS:
+            arch = get_spec(v).arch
+            if arch.num_blocks == max(blocks) + 1 and arch.embed_dim == patch.shape[0]:
+                version = v
+    return version, family
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -94,11 +103,12 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
     Raises ``CheckpointError`` naming the unknown keys, or the checkpoint's own version and family
     when they differ from ``spec``. Shapes are checked when the result is loaded into the model.
     """
-    found = detect_spec(state_dict)
-    if found is not None and (found.version, found.family) != (spec.version, spec.family):
+    version, family = detect_spec(state_dict)
+    if (version or spec.version) != spec.version or (family or spec.family) != spec.family:
+        found = f"{family or spec.family}/{version or spec.version}"
         raise CheckpointError(
-            f"checkpoint is {found.name}, not the requested {spec.name}: "
-            f"pass version={found.version!r}, family={found.family!r} or use the matching file"
+            f"checkpoint is {found}, not the requested {spec.name}: pass the matching version and family "
+            f"(version={version or spec.version!r}, family={family or spec.family!r}) or use the matching file"
         )
     video = _VIDEO_ONLY_RE[spec.family]
     out: dict[str, torch.Tensor] = {}

@@ -138,6 +138,10 @@ def _not_found(spec: ModelSpec, cause: Exception | None) -> CheckpointError:
     )
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def load_model(
     version: str = "hiera_tiny",
     family: str = "sam2.1",
@@ -161,7 +165,7 @@ def load_model(
     model = _from_weights_dir(spec) or _from_hf_cache(spec)
     if model is not None:
         return model, spec
-    if not download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+    if not download or _hub_offline():
         raise _not_found(spec, None)
     try:
         model = _download(spec)
