@@ -130,8 +130,6 @@ def test_batched_embedding_matches_single(tiny_engine):
 @pytest.mark.parametrize("family", ["sam2.1", "sam2"])
 def test_larger_sizes_parity(make_checkpoint, version, family):
     """One image per size and family: many boxes, and boxes with clicks."""
-    if version == "hiera_large" and family == "sam2":
-        pytest.skip("hiera_large is checked once, on the default family, to keep CI within budget")
     engine, predictor = make_pair(make_checkpoint, version, family)
     hw, boxes, points, labels = SCENES["odd_333x517"]
     run_battery(engine, predictor, random_image(*hw, seed=7), boxes, points, labels, full=False)

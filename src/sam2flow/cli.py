@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="json: polygon points per mask; rle: COCO RLE per mask")
     seg.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     seg.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the image with masks, boxes and labels")
+
+    run = sub.add_parser("run-workflow", help="run a workflow definition (Roboflow Workflows JSON)")
+    run.add_argument("definition", type=Path, help="workflow definition JSON file")
+    run.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                     help="an input value; repeat a name for a batch; @FILE reads JSON from a file; "
+                          "other values are parsed as JSON when they parse, else taken as strings (paths)")
+    run.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
+    run.add_argument("--checkpoint", action="append", default=[], metavar="[VERSION=]PATH",
+                     help="weights for a version (default hiera_tiny when no VERSION= is given); repeatable")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    run.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
+    run.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     return parser
 
 
@@ -153,10 +166,59 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _input_value(text: str):
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--input @{path}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_inputs(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs → inputs; a repeated name makes a batch (a list)."""
+    values: dict[str, list] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--input {pair!r} is not NAME=VALUE")
+        values.setdefault(name, []).append(_input_value(text))
+    return {k: v[0] if len(v) == 1 else v for k, v in values.items()}
+
+
+def cmd_run_workflow(args) -> int:
+    from .engine.pool import EnginePool
+    from .workflows.definition import parse_definition
+    from .workflows.runner import run_workflow, serialize_outputs
+
+    try:
+        raw = json.loads(args.definition.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"workflow definition {args.definition}: {e}") from None
+    definition = parse_definition(raw.get("specification", raw) if isinstance(raw, dict) else raw)
+    inputs = parse_inputs(args.input)
+    checkpoints = {}
+    for item in args.checkpoint:
+        version, sep, path = item.partition("=")
+        checkpoints[version if sep else DEFAULT_VERSION] = path if sep else item
+    pool = EnginePool(args.family, args.device, args.dtype, checkpoints)
+    results = run_workflow(definition, inputs, pool)
+    text = json.dumps(serialize_outputs(results, "rle" if args.format == "rle" else "polygon"))
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"segment": cmd_segment}[args.command](args)
+        return {"segment": cmd_segment, "run-workflow": cmd_run_workflow}[args.command](args)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split())
         print(f"sam2flow: error: {message}", file=sys.stderr)

@@ -430,6 +430,27 @@ def _parse_prediction(item: Any, index: int) -> dict:
         "parent_id": _optional_str(item, "parent_id", index),
         "rle": item.get("rle"),
         "polygons": _polygons_field(item, index),
+        **_keypoints_field(item, index),
+    }
+
+
+def _keypoints_field(item: Mapping, index: int) -> dict:
+    """Keypoint predictions' ``keypoints`` as ``keypoints_xy`` (K, 2) and ``keypoints_confidence`` (K,)."""
+    keypoints = item.get("keypoints")
+    if keypoints is None:
+        return {}
+    if not isinstance(keypoints, Sequence) or isinstance(keypoints, str):
+        raise ValueError(f"prediction {index}: 'keypoints' must be a list of {{x, y, confidence}}")
+    xy, conf = [], []
+    for k, point in enumerate(keypoints):
+        if not isinstance(point, Mapping):
+            raise ValueError(f"prediction {index}: 'keypoints' {k} must be a dict")
+        xy.append([_number(point, "x", index), _number(point, "y", index)])
+        c = _optional_number(point, "confidence", index)
+        conf.append(1.0 if c is None else c)
+    return {
+        "keypoints_xy": np.array(xy, dtype=np.float32).reshape(-1, 2),
+        "keypoints_confidence": np.array(conf, dtype=np.float32),
     }
 
 
@@ -543,6 +564,11 @@ def _data_arrays(parsed: list[dict]) -> dict[str, np.ndarray]:
         if any(v is not None for v in values):
             array = np.empty(len(values), dtype=object)
             array[:] = values
+            data[key] = array
+    if any("keypoints_xy" in p for p in parsed):
+        for key, empty in (("keypoints_xy", np.zeros((0, 2), np.float32)), ("keypoints_confidence", np.zeros(0, np.float32))):
+            array = np.empty(len(parsed), dtype=object)
+            array[:] = [p.get(key, empty) for p in parsed]
             data[key] = array
     return data
 

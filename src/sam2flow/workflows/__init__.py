@@ -1,0 +1,1 @@
+"""Workflow definitions (the Roboflow Workflows JSON format) and the SAM2 step."""
