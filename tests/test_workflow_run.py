@@ -217,3 +217,22 @@ def test_cli_runs_a_two_image_workflow(tiny_checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"),
                           "--input", f"image={paths[0]}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "detections" in bad.stderr
+
+
+def test_unprompted_mode_names_classes_by_rank(pool):
+    """Without boxes the step segments the whole image; class ids follow decreasing score."""
+    from sam2flow.engine.automatic import AutomaticConfig
+
+    definition = json.loads(json.dumps(DEFINITION))
+    del definition["steps"][0]["boxes"]
+    definition["inputs"] = [i for i in definition["inputs"] if i["name"] != "detections"]
+    # Random weights give masks spanning the whole image, which box NMS collapses into one:
+    # loosen the filters and switch NMS off so that several masks come through.
+    config = AutomaticConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    out = run_workflow(definition, {"image": IMAGES[0]}, pool, automatic_config=config)[0]["predictions"]
+    assert len(out) >= 3
+    assert list(out.class_id) == list(range(len(out)))
+    assert list(out.data["class_name"]) == [str(i) for i in range(len(out))]
+    assert (np.diff(out.confidence) <= 0).all()
+    assert set(out.data["parent_id"]) == {"image"}
+    assert all(m.any() for m in out.mask)
