@@ -27,7 +27,7 @@ Everything stays on the engine's device until the result is built.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class AutomaticConfig:
 
     Crops (the reference's ``crop_n_layers`` > 0) are not implemented: the whole image is one
     crop, so the reference's "box touches a crop edge" filter never removes anything.
+    Values are checked on construction (``ValueError`` naming the field), also by
+    ``dataclasses.replace(config, ...)``.
     """
 
     points_per_side: int = 32
@@ -94,14 +96,6 @@ class AutomaticConfig:
             raise ValueError(f"box_nms_thresh must be within [0, 1], got {self.box_nms_thresh!r}")
         if not isinstance(self.multimask_output, (bool, np.bool_)):
             raise ValueError(f"multimask_output must be True or False, got {self.multimask_output!r}")
-
-    def replace(self, **changes) -> "AutomaticConfig":
-        """A copy with some fields changed (validated again); unknown names → ValueError."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown AutomaticConfig field(s): {', '.join(unknown)}")
-        return AutomaticConfig(**{**{n: getattr(self, n) for n in known}, **changes})
 
 
 def _check_int(name: str, value, minimum: int) -> None:
