@@ -75,7 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     run.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+
+    srv = sub.add_parser("serve", help="run the SAM2 inference server (inference-sdk compatible HTTP API)")
+    srv.add_argument("--host", help="default 127.0.0.1 (SAM2FLOW_HOST)")
+    srv.add_argument("--port", type=int, help="default 9001 (SAM2FLOW_PORT)")
+    srv.add_argument("--device", help="auto, cpu, cuda, mps (SAM2FLOW_DEVICE)")
+    srv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="encoder precision (SAM2FLOW_DTYPE)")
+    srv.add_argument("--family", choices=FAMILIES, help="sam2.1 or sam2 (SAM2FLOW_FAMILY)")
+    srv.add_argument("--preload", action="append", choices=VERSIONS,
+                     help="load this version at start-up; repeatable (SAM2FLOW_PRELOAD=a,b)")
+    srv.add_argument("--checkpoint", help="weights for the first preloaded version (SAM2FLOW_CHECKPOINT)")
+    srv.add_argument("--max-batch-size", type=int, help="images embedded together (SAM2FLOW_MAX_BATCH_SIZE)")
+    srv.add_argument("--max-wait-ms", type=float, help="batching wait (SAM2FLOW_MAX_WAIT_MS)")
     return parser
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.settings import ServerSettings
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in ServerSettings.model_fields and v is not None}
+    settings = ServerSettings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -218,7 +243,8 @@ def cmd_run_workflow(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"segment": cmd_segment, "run-workflow": cmd_run_workflow}[args.command](args)
+        commands = {"segment": cmd_segment, "run-workflow": cmd_run_workflow, "serve": cmd_serve}
+        return commands[args.command](args)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split())
         print(f"sam2flow: error: {message}", file=sys.stderr)

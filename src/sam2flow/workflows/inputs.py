@@ -15,25 +15,38 @@ from ..engine.transforms import as_rgb_uint8
 from ..formats import predictions_to_detections
 
 
-def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) → RGB uint8 (H, W, 3)."""
+class ImageTooLarge(ValueError):
+    """An image over the pixel limit (a decompression bomb, or just too big to serve)."""
+
+
+def decode_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) → RGB uint8 (H, W, 3).
+
+    The header is read first: an image of more than ``max_pixels`` is refused before any pixel
+    is decoded, so a small file that would inflate to gigabytes costs nothing.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLarge(f"{where}: image of {w}x{h} pixels is over the limit of {max_pixels}")
             return np.asarray(im.convert("RGB")).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except ImageTooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{where}: not a readable image ({e})") from None
 
 
-def decode_base64_image(text: str, where: str) -> np.ndarray:
+def decode_base64_image(text: str, where: str, max_pixels: int | None = None) -> np.ndarray:
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"{where}: not valid base64") from None
-    return decode_image_bytes(data, where)
+    return decode_image_bytes(data, where, max_pixels)
 
 
 def _is_file(text: str) -> bool:

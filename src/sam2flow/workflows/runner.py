@@ -18,7 +18,7 @@ from .step import INPUT_SELECTOR, STEP_SELECTOR, StepParameters, segment_images
 def run_workflow(
     definition: Mapping | Definition,
     inputs: Mapping[str, Any],
-    engines: EnginePool | Sam2Engine | None = None,
+    engines: EnginePool | Sam2Engine | None = None,  # or any object with get(version) -> engine
     automatic_config=None,
 ) -> list[dict[str, Any]]:
     """Run a workflow on a batch of images; one dict of outputs per image.
@@ -29,7 +29,12 @@ def run_workflow(
     ``sv.Detections``; ``serialize_outputs`` turns results into JSON.
     """
     d = definition if isinstance(definition, Definition) else parse_definition(definition)
-    pool = engines if isinstance(engines, EnginePool) else EnginePool.of(engines) if engines else EnginePool()
+    if engines is None:
+        pool = EnginePool()
+    elif isinstance(engines, Sam2Engine):
+        pool = EnginePool.of(engines)
+    else:
+        pool = engines  # anything with get(version) -> engine: an EnginePool, the server's models
     unknown = sorted(set(inputs) - set(d.inputs))
     if unknown:
         raise ValueError(f"unknown workflow input(s): {', '.join(unknown)} (the definition has {', '.join(d.inputs)})")

@@ -1,0 +1,1 @@
+"""The dedicated SAM2 inference server (FastAPI on uvicorn)."""

@@ -1,0 +1,307 @@
+"""FastAPI routes, thin: parse → engine or workflow runner → format.
+
+Model work runs in worker threads (embedding through the micro-batcher), never on the event loop.
+Every invalid request gets a 4xx JSON ``{"error": ...}`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..engine.cache import EmbeddingCache
+from ..engine.pool import EnginePool
+from ..engine.prompts import Prompt
+from ..formats import mask_to_polygons, mask_to_rle
+from ..models.convert import CheckpointError
+from ..models.registry import get_spec
+from ..workflows.inputs import ImageTooLarge
+from ..workflows.runner import run_workflow, serialize_outputs
+from .batching import BatchedEngine, EmbedBatcher
+from .images import load_request_image, resolve_workflow_images
+from .metrics import ServerMetrics
+from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
+from .settings import ServerSettings
+
+
+class Unauthorized(Exception):
+    pass
+
+
+class ServerState:
+    """Models, batcher and caches shared by all requests of one app."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        checkpoints = {}
+        if settings.checkpoint:
+            checkpoints[(settings.preload or ["hiera_tiny"])[0]] = settings.checkpoint
+        cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
+        self.pool = EnginePool(settings.family, settings.device, settings.dtype, checkpoints,
+                               settings.max_resident_models, settings.max_batch_size, cache)
+        self.metrics = ServerMetrics(cache)
+        self.batcher = EmbedBatcher(settings.max_batch_size, settings.max_wait_ms / 1000,
+                                    self.metrics.batch_size.observe)
+        # image_id → embedding, and the last prompts + low-resolution logits per image (click-to-refine).
+        self.by_id = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
+        self.logits = EmbeddingCache(settings.cache_entries * 4, 1 << 30, size_of=lambda v: v[1].nbytes)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+
+    def engine(self, version: str):
+        get_spec(version, self.settings.family)  # unknown version → 400 before anything loads
+        if version not in self.pool.resident:
+            start = time.perf_counter()
+            engine = self.pool.get(version)
+            self.metrics.model_load.labels(version).set(time.perf_counter() - start)
+            return engine
+        return self.pool.get(version)
+
+    def preload(self) -> None:
+        try:
+            for version in self.settings.preload:
+                self.engine(version)
+        except Exception as e:  # reported by /readyz, the process stays up
+            self.load_error = f"{type(e).__name__}: {e}"
+            return
+        self.ready.set()
+
+    def get(self, version: str):
+        """For the workflow runner: engines whose embedding goes through the batcher."""
+        return BatchedEngine(self.engine(version), self.batcher)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _authorize(state: ServerState, request: Request, body_key: str | None) -> None:
+    expected = state.settings.api_key
+    if not expected:
+        return
+    auth = request.headers.get("authorization", "")
+    given = [body_key, request.query_params.get("api_key"), request.headers.get("x-api-key"),
+             auth[7:] if auth.lower().startswith("bearer ") else None]
+    if not any(g and hmac.compare_digest(g.encode(), expected.encode()) for g in given):
+        raise Unauthorized()
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over ``max_bytes`` with 413, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _error(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _prompts(request: SegmentRequest, limit: int) -> list[Prompt] | None:
+    items = request.prompts
+    if not items:
+        return None
+    if len(items) > limit:
+        raise ValueError(f"{len(items)} prompts is more than this server's limit of {limit}")
+    prompts = []
+    for p in items:
+        points = [[q.x, q.y] for q in p.points] if p.points else None
+        labels = [int(q.positive) for q in p.points] if p.points else None
+        prompts.append(Prompt(box=p.box.xyxy() if p.box else None, points=points, labels=labels))
+    return prompts
+
+
+def _signature(p: Prompt) -> tuple:
+    return (tuple(p.box) if p.box else None, tuple(map(tuple, p.points or ())), tuple(p.labels or ()))
+
+
+def _with_cached_logits(prompts: list[Prompt], cached) -> list[Prompt]:
+    """Give each prompt the previous logits of the prompt it extends (same box, more clicks)."""
+    if cached is None:
+        return prompts
+    old_signatures, logits = cached
+    out = []
+    for i, p in enumerate(prompts):
+        sig = _signature(p)
+        old = old_signatures[i] if i < len(old_signatures) else None
+        extends = old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1] and sig[2][: len(old[2])] == old[2]
+        out.append(Prompt(p.box, p.points, p.labels, logits[i]) if extends else p)
+    return out
+
+
+def _format_predictions(masks: np.ndarray, scores: np.ndarray, fmt: str) -> list[dict]:
+    if fmt == "rle":
+        return [{"masks": mask_to_rle(m), "confidence": float(s), "format": "rle"} for m, s in zip(masks, scores)]
+    return [{"masks": [poly.tolist() for poly in mask_to_polygons(m)], "confidence": float(s), "format": "polygon"}
+            for m, s in zip(masks, scores)]
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=state.preload, name="sam2flow-preload", daemon=True).start()
+        yield
+        state.batcher.close()
+
+    app = FastAPI(title="sam2flow", version=__version__, lifespan=lifespan,
+                  description="Segment Anything 2 inference server (inference-sdk compatible API).")
+    app.state.sam2flow = state
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        state.metrics.requests.labels(path, str(response.status_code)).inc()
+        state.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request, exc):
+        return _error(401, "missing or wrong API key")
+
+    @app.exception_handler(ImageTooLarge)
+    async def _too_large(request, exc):
+        return _error(413, str(exc))
+
+    @app.exception_handler(CheckpointError)
+    async def _no_model(request, exc):
+        return _error(503, f"model unavailable: {exc}")
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(request, exc):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if state.ready.is_set():
+            return {"status": "ready", "models": state.pool.resident}
+        return JSONResponse({"status": "failed" if state.load_error else "loading", "error": state.load_error},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/info")
+    async def info():
+        return {"name": "sam2flow", "version": __version__, "family": settings.family, "device": settings.device,
+                "dtype": settings.dtype, "models": state.pool.resident, "max_batch_size": settings.max_batch_size,
+                "max_prompts": settings.max_prompts, "url_images": settings.allow_url_images}
+
+    async def embedding_for(version: str, image_ref, image_id: str | None):
+        engine = await run_in_threadpool(state.engine, version)
+        if image_ref is None:
+            cached = state.by_id.get((version, image_id)) if image_id else None
+            if cached is None:
+                raise ValueError("no image given and no cached embedding for that image_id" if image_id
+                                 else "the request has no image")
+            return engine, cached
+        image = await run_in_threadpool(load_request_image, image_ref.model_dump(), settings)
+        emb = await asyncio.wrap_future(state.batcher.submit(engine, image))
+        state.by_id.put((version, image_id or emb.key.split("|")[-1]), emb)
+        return engine, emb
+
+    @app.post("/sam2/embed_image")
+    async def embed_image(body: EmbedRequest, request: Request):
+        _authorize(state, request, body.api_key)
+        start = time.perf_counter()
+        _, emb = await embedding_for(body.sam2_version_id, body.image, body.image_id)
+        return {"image_id": body.image_id or emb.key.split("|")[-1], "time": time.perf_counter() - start}
+
+    @app.post("/sam2/segment_image")
+    async def segment_image(body: SegmentRequest, request: Request):
+        _authorize(state, request, body.api_key)
+        start = time.perf_counter()
+        prompts = _prompts(body, settings.max_prompts)
+        engine, emb = await embedding_for(body.sam2_version_id, body.image, body.image_id)
+        if prompts is None:
+            from ..engine.automatic import generate_masks
+
+            result = await run_in_threadpool(generate_masks, engine, emb)
+            masks, scores, logits = result.masks, result.scores, None
+        else:
+            key = (body.sam2_version_id, emb.key)
+            if body.load_logits_from_cache:
+                prompts = _with_cached_logits(prompts, state.logits.get(key))
+            result = await run_in_threadpool(engine.predict_prompts, emb, prompts, body.multimask_output)
+            masks, scores, logits = result.masks, result.scores, result.low_res_logits
+            if body.save_logits_to_cache:
+                state.logits.put(key, ([_signature(p) for p in prompts], logits))
+        if body.format == "binary":
+            buf = io.BytesIO()
+            arrays = {"masks": masks, "scores": scores}
+            if logits is not None:
+                arrays["low_res_logits"] = logits
+            np.savez_compressed(buf, **arrays)
+            return Response(buf.getvalue(), media_type="application/octet-stream")
+        predictions = await run_in_threadpool(_format_predictions, masks, scores, body.format)
+        return {"predictions": predictions, "time": time.perf_counter() - start}
+
+    @app.post("/workflows/run")
+    async def workflows_run(body: WorkflowRunRequest, request: Request):
+        _authorize(state, request, body.api_key)
+        start = time.perf_counter()
+
+        def run():
+            inputs = {k: resolve_workflow_images(v, settings, f"input {k!r}") for k, v in body.inputs.items()}
+            results = serialize_outputs(run_workflow(body.specification, inputs, state))
+            excluded = set(body.excluded_fields or ())
+            return [{k: v for k, v in r.items() if k not in excluded} for r in results]
+
+        outputs = await run_in_threadpool(run)
+        return {"outputs": outputs, "profiler_trace": [], "time": time.perf_counter() - start}
+
+    if settings.max_body_bytes:
+        app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,88 @@
+"""Request bodies of the SAM2 HTTP API (the one ``inference-sdk``'s ``InferenceHTTPClient`` speaks)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ImageRef(BaseModel):
+    type: Literal["base64", "numpy", "url"]
+    value: Any
+
+
+class Box(BaseModel):
+    """Centre and size in pixels, as detectors report boxes."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+    @field_validator("x", "y", "width", "height")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    def xyxy(self) -> list[float]:
+        return [self.x - self.width / 2, self.y - self.height / 2, self.x + self.width / 2, self.y + self.height / 2]
+
+
+class Point(BaseModel):
+    x: float
+    y: float
+    positive: bool = True
+
+    @field_validator("x", "y")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class PromptModel(BaseModel):
+    box: Optional[Box] = None
+    points: Optional[list[Point]] = None
+
+
+class _Request(BaseModel):
+    # Clients send bookkeeping fields of their own (source, usage tags): accepted, ignored.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    api_key: Optional[str] = None
+
+
+class EmbedRequest(_Request):
+    image: ImageRef
+    image_id: Optional[str] = Field(default=None, max_length=256)
+    sam2_version_id: str = "hiera_tiny"
+
+
+class SegmentRequest(_Request):
+    image: Optional[ImageRef] = None
+    image_id: Optional[str] = Field(default=None, max_length=256)
+    prompts: Optional[list[PromptModel]] = None  # also accepted wrapped: {"prompts": [...]}
+    multimask_output: bool = True
+    sam2_version_id: str = "hiera_tiny"
+    format: Literal["json", "rle", "binary"] = "json"
+    save_logits_to_cache: bool = False
+    load_logits_from_cache: bool = False
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _unwrap(cls, value):
+        if isinstance(value, dict) and set(value) <= {"prompts"}:
+            return value.get("prompts")
+        return value
+
+
+class WorkflowRunRequest(_Request):
+    specification: dict
+    inputs: dict = Field(default_factory=dict)
+    use_cache: bool = True
+    excluded_fields: Optional[list[str]] = None
+    enable_profiling: bool = False

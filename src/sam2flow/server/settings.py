@@ -1,0 +1,42 @@
+"""Server settings: defaults, ``SAM2FLOW_*`` environment variables, or command-line flags."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Every field can be set as ``SAM2FLOW_<FIELD>`` (e.g. ``SAM2FLOW_API_KEY``, ``SAM2FLOW_PRELOAD=hiera_tiny``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SAM2FLOW_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 9001
+    device: str = "auto"
+    dtype: str = "float32"
+    family: str = "sam2.1"
+    preload: list[str] = []  # versions loaded at start-up; /readyz waits for them
+    checkpoint: Optional[str] = None  # weights for the first preloaded (or default) version
+    max_resident_models: int = 2
+    max_batch_size: int = 4  # images embedded together across concurrent requests
+    max_wait_ms: float = 5.0  # how long the batcher waits for more requests
+    cache_entries: int = 64
+    cache_bytes: int = 2 << 30
+    max_body_bytes: int = 64 << 20
+    max_image_pixels: int = 50_000_000
+    min_image_side: int = 4
+    max_prompts: int = 512
+    allow_url_images: bool = False
+    url_max_bytes: int = 20 << 20
+    url_timeout_s: float = 10.0
+    api_key: Optional[str] = None
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value

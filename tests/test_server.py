@@ -1,0 +1,258 @@
+"""The HTTP server, live on a loopback port, driven by the real ``inference-sdk`` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from sam2flow import Prompt
+from sam2flow.formats import rle_to_mask
+
+from conftest import mask_iou, random_image
+
+inference_sdk = pytest.importorskip("inference_sdk")
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "SAM2FLOW_API_KEY": API_KEY, "SAM2FLOW_MAX_PROMPTS": "20",
+           "SAM2FLOW_MAX_IMAGE_PIXELS": "4000000", "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
+             "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from inference_sdk import InferenceConfiguration, InferenceHTTPClient
+
+    return InferenceHTTPClient(api_url=server, api_key=API_KEY).configure(
+        InferenceConfiguration(api_key_transport="header"))
+
+
+IMAGE = random_image(240, 320, seed=41)
+BOXES = [[40, 30, 160, 150], [170, 60, 300, 220]]
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    """The client sends files byte for byte (numpy arrays it re-encodes as lossy JPEG, as BGR)."""
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    Image.fromarray(IMAGE).save(path)
+    return str(path)
+
+
+def box_prompt(b):
+    return {"box": {"x": (b[0] + b[2]) / 2, "y": (b[1] + b[3]) / 2, "width": b[2] - b[0], "height": b[3] - b[1]}}
+
+
+def test_health_ready_info_and_openapi(server):
+    assert requests.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{server}/readyz").json()["models"] == ["hiera_tiny"]
+    assert requests.get(f"{server}/info").json()["models"] == ["hiera_tiny"]
+    spec = requests.get(f"{server}/openapi.json").json()
+    assert {"/sam2/segment_image", "/sam2/embed_image", "/workflows/run"} <= set(spec["paths"])
+
+
+def test_sdk_boxes_and_points_equal_the_engine(client, tiny_engine, image_path):
+    emb = tiny_engine.embed([IMAGE])[0]
+    prompts = [box_prompt(b) for b in BOXES] + [{"points": [{"x": 100, "y": 90, "positive": True},
+                                                            {"x": 250, "y": 200, "positive": False}]}]
+    result = client.sam2_segment_image(image_path, prompts=prompts, mask_input_format="rle")
+    want = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES] + [
+        Prompt(points=[[100, 90], [250, 200]], labels=[1, 0])])
+    assert len(result["predictions"]) == 3
+    for p, mask, score in zip(result["predictions"], want.masks, want.scores):
+        assert p["format"] == "rle"
+        assert np.array_equal(rle_to_mask(p["masks"]), mask)
+        assert p["confidence"] == pytest.approx(float(score), abs=1e-5)
+    polygons = client.sam2_segment_image(image_path, prompts=prompts[:1])
+    assert polygons["predictions"][0]["format"] == "polygon"
+    assert all(len(poly) >= 3 for poly in polygons["predictions"][0]["masks"])
+
+
+def test_sdk_workflow_forwards_classes(client, image_path):
+    spec = {"version": "1.0",
+            "inputs": [{"type": "WorkflowImage", "name": "image"},
+                       {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]}],
+            "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
+                       "boxes": "$inputs.boxes"}],
+            "outputs": [{"type": "JsonField", "name": "masks", "selector": "$steps.sam.predictions"}]}
+    dets = {"image": {"width": 320, "height": 240}, "predictions": [
+        {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"},
+        {"x": 235, "y": 140, "width": 130, "height": 160, "class": "bowl", "class_id": 5, "detection_id": "u2"}]}
+    out = client.run_workflow(specification=spec, images={"image": image_path}, parameters={"boxes": dets})
+    preds = out[0]["masks"]["predictions"]
+    assert [(p["class"], p["class_id"], p["parent_id"]) for p in preds] == [("cup", 3, "u1"), ("bowl", 5, "u2")]
+
+
+def post(server, route, body, key=API_KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{server}{route}", json=body, headers=headers, timeout=120, **kw)
+
+
+def b64(image, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_embed_then_segment_by_image_id_and_refine_with_cached_logits(server, tiny_engine):
+    r = post(server, "/sam2/embed_image", {"image": {"type": "base64", "value": b64(IMAGE)}, "image_id": "photo-1"})
+    assert r.status_code == 200 and r.json()["image_id"] == "photo-1"
+    first = {"image_id": "photo-1", "prompts": {"prompts": [{"points": [{"x": 100, "y": 90, "positive": True}]}]},
+             "format": "rle", "save_logits_to_cache": True}
+    r1 = post(server, "/sam2/segment_image", first)
+    assert r1.status_code == 200, r1.text
+    emb = tiny_engine.embed([IMAGE])[0]
+    want1 = tiny_engine.predict_prompts(emb, [Prompt(points=[[100, 90]], labels=[1])])
+    assert np.array_equal(rle_to_mask(r1.json()["predictions"][0]["masks"]), want1.masks[0])
+    # A second click extends the first prompt: the previous logits become the mask prompt.
+    second = {**first, "prompts": {"prompts": [{"points": [{"x": 100, "y": 90, "positive": True},
+                                                            {"x": 60, "y": 50, "positive": False}]}]},
+              "load_logits_from_cache": True, "multimask_output": False}
+    r2 = post(server, "/sam2/segment_image", second)
+    assert r2.status_code == 200, r2.text
+    want2 = tiny_engine.predict_prompts(emb, [Prompt(points=[[100, 90], [60, 50]], labels=[1, 0],
+                                                     mask_input=want1.low_res_logits[0])], multimask_output=False)
+    assert np.array_equal(rle_to_mask(r2.json()["predictions"][0]["masks"]), want2.masks[0])
+    binary = post(server, "/sam2/segment_image", {**first, "format": "binary"})
+    arrays = np.load(io.BytesIO(binary.content))
+    assert np.array_equal(arrays["masks"][0], want1.masks[0]) and arrays["low_res_logits"].shape == (1, 256, 256)
+
+
+def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
+    images = [random_image(200 + 8 * i, 260, seed=100 + i) for i in range(16)]
+    box = [30, 30, 150, 150]
+
+    def call(i):
+        body = {"image": {"type": "base64", "value": b64(images[i])}, "format": "rle",
+                "prompts": [box_prompt(box)] if i % 2 == 0 else [{"points": [{"x": 80, "y": 70, "positive": True}]}]}
+        r = post(server, "/sam2/segment_image", body)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(call, range(16)))
+    for i, (status, payload) in enumerate(results):
+        assert status == 200, payload
+        emb = tiny_engine.embed([images[i]])[0]
+        prompt = Prompt(box=box) if i % 2 == 0 else Prompt(points=[[80, 70]], labels=[1])
+        want = tiny_engine.predict_prompts(emb, [prompt]).masks[0]
+        assert mask_iou(rle_to_mask(payload["predictions"][0]["masks"]), want) >= 0.99
+    text = requests.get(f"{server}/metrics").text
+    count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("sam2flow_embed_batch_size_count")))
+    ones = float(next(l.split()[-1] for l in text.splitlines()
+                      if l.startswith('sam2flow_embed_batch_size_bucket{le="1.0"}')))
+    assert count > ones, "no embedding batch held more than one image"
+    assert "sam2flow_embedding_cache_hits_total" in text and 'sam2flow_model_load_seconds{version="hiera_tiny"}' in text
+    assert 'sam2flow_requests_total{route="/sam2/segment_image",status="200"}' in text
+
+
+GOOD = {"image": {"type": "base64", "value": b64(IMAGE)}, "prompts": [box_prompt(BOXES[0])]}
+HUGE = np.zeros((2100, 2100, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "name, route, body, status, message",
+    [
+        ("malformed json", "/sam2/segment_image", b"{not json", 422, ""),
+        ("missing image", "/sam2/segment_image", {"prompts": [box_prompt(BOXES[0])]}, 400, "no image"),
+        ("corrupt base64", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": "@@@"}}, 400, "base64"),
+        ("not an image", "/sam2/segment_image",
+         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400, "not a readable"),
+        ("1x1 image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(IMAGE[:1, :1])}},
+         400, "smaller than"),
+        ("oversized image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(HUGE)}}, 413,
+         "over the limit"),
+        ("nan box", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]},
+         422, "finite"),
+        ("inverted box", "/sam2/segment_image",
+         {**GOOD, "prompts": [{"box": {"x": 50, "y": 50, "width": -10, "height": 10}}]}, 400, "inverted"),
+        ("box outside", "/sam2/segment_image",
+         {**GOOD, "prompts": [{"box": {"x": 1000, "y": 1000, "width": 10, "height": 10}}]}, 400, "outside"),
+        ("non-numeric", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "a", "y": 1, "width": 4, "height": 4}}]},
+         422, "x"),
+        ("too many prompts", "/sam2/segment_image", {**GOOD, "prompts": [box_prompt(BOXES[0])] * 21}, 400, "limit"),
+        ("unknown version", "/sam2/segment_image", {**GOOD, "sam2_version_id": "hiera_huge"}, 400, "hiera_huge"),
+        ("unknown format", "/sam2/segment_image", {**GOOD, "format": "tiff"}, 422, "format"),
+        ("file url", "/sam2/segment_image", {**GOOD, "image": {"type": "url", "value": "file:///etc/passwd"}}, 400, "URL"),
+        ("ftp url", "/sam2/embed_image", {"image": {"type": "url", "value": "ftp://x/y.png"}}, 400, "URL"),
+        ("bad selector", "/workflows/run", {"specification": {"inputs": [{"type": "WorkflowImage", "name": "image"}],
+         "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "s", "images": "$inputs.nope"}],
+         "outputs": [{"type": "JsonField", "name": "o", "selector": "$steps.s.predictions"}]},
+         "inputs": {"image": {"type": "base64", "value": b64(IMAGE)}}}, 400, "unknown input"),
+        ("body too large", "/sam2/segment_image", {**GOOD, "padding": "x" * (9 << 20)}, 413, "body"),
+    ],
+)
+def test_bad_requests_get_clear_4xx_and_the_server_survives(server, name, route, body, status, message):
+    if isinstance(body, bytes):
+        r = requests.post(f"{server}{route}", data=body, headers={"Authorization": f"Bearer {API_KEY}",
+                                                                  "Content-Type": "application/json"}, timeout=60)
+    else:
+        r = post(server, route, body)
+    assert r.status_code == status, (name, r.status_code, r.text[:300])
+    assert message in r.json()["error"], r.json()
+    ok = post(server, "/sam2/segment_image", GOOD)
+    assert ok.status_code == 200
+
+
+def test_api_key_is_required(server):
+    assert post(server, "/sam2/segment_image", GOOD, key=None).status_code == 401
+    assert post(server, "/sam2/segment_image", GOOD, key="wrong").status_code == 401
+    r = requests.post(f"{server}/sam2/segment_image?api_key={API_KEY}", json=GOOD, timeout=60)
+    assert r.status_code == 200
+    assert requests.get(f"{server}/healthz").status_code == 200
+
+
+def test_partly_outside_box_is_clipped(server, tiny_engine):
+    body = {**GOOD, "format": "rle", "prompts": [{"box": {"x": 300, "y": 220, "width": 100, "height": 80}}]}
+    r = post(server, "/sam2/segment_image", body)
+    assert r.status_code == 200
+    emb = tiny_engine.embed([IMAGE])[0]
+    want = tiny_engine.predict_prompts(emb, [Prompt(box=[250, 180, 320, 240])]).masks[0]
+    assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]), want)
