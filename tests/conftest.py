@@ -8,9 +8,14 @@ way the official release files are saved (``{"model": state_dict}``).
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 from sam2flow.models.registry import ModelSpec, get_spec
@@ -77,3 +82,52 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     union = (a | b).sum()
     return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+SERVER_API_KEY = "test-key-123"
+SERVER_POINTS_PER_SIDE = 4  # the live server's unprompted grid: small, CPU tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_checkpoint, tmp_path_factory):
+    """A real server process on a free loopback port (tiny checkpoint, API key, small limits)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "SAM2FLOW_API_KEY": SERVER_API_KEY, "SAM2FLOW_MAX_PROMPTS": "20",
+           "SAM2FLOW_MAX_IMAGE_PIXELS": "4000000", "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
+           "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
+             "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert proc.returncode is not None
+
+

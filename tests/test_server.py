@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,51 +15,15 @@ from PIL import Image
 from sam2flow import Prompt
 from sam2flow.formats import rle_to_mask
 
+from conftest import SERVER_API_KEY as API_KEY
 from conftest import mask_iou, random_image
 
 inference_sdk = pytest.importorskip("inference_sdk")
-API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "SAM2FLOW_API_KEY": API_KEY, "SAM2FLOW_MAX_PROMPTS": "20",
-           "SAM2FLOW_MAX_IMAGE_PIXELS": "4000000", "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
-             "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    assert proc.returncode is not None
+def server(live_server):
+    return live_server
 
 
 @pytest.fixture(scope="module")

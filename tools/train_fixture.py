@@ -252,7 +252,8 @@ class Decoder(torch.nn.Module):
         return {k: full[k].detach().clone() for k in trainable_keys()}
 
     def forward(self, embed, s0, s1, coords, labels, hw, multimask: bool):
-        """``embed``/``s0``/``s1`` per row; ``coords`` (R, P, 2) pixels → logits (R, C, 256, 256), iou (R, C), obj (R, 1)."""
+        """``embed``/``s0``/``s1``: one image (batch 1) or one per row; ``coords`` (R, P, 2) pixels
+        → logits (R, C, 256, 256), iou (R, C), object-score logits (R, 1)."""
         h, w = hw
         xy = coords.clone()
         xy[..., 0] = xy[..., 0] / w * IMAGE_SIZE
@@ -264,7 +265,7 @@ class Decoder(torch.nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
-            repeat_image=False,
+            repeat_image=embed.shape[0] == 1 and coords.shape[0] > 1,
             high_res_features=[s0, s1],
         )
         return logits, iou, obj
@@ -331,8 +332,9 @@ def make_optimizer(decoder, args):
 
 
 def train_step(decoder, batch, kind, multimask, rng, hw, bf16: bool):
-    """One optimisation step's loss over the scenes in ``batch``."""
-    embeds, s0s, s1s, coords, labels, targets = [], [], [], [], [], []
+    """One optimisation step's loss over the scenes in ``batch`` (one decoder call per scene:
+    the scene's features broadcast over its prompts instead of being copied per prompt)."""
+    logits, iou_pred, obj, targets = [], [], [], []
     for feats in batch:
         masks = feats["masks"]
         if len(masks) == 0:
@@ -340,18 +342,14 @@ def train_step(decoder, batch, kind, multimask, rng, hw, bf16: bool):
         if len(masks) > 6:
             masks = masks[rng.choice(len(masks), 6, replace=False)]
         c, l = make_prompts(rng, kind, masks, hw)
-        n = len(masks)
-        embeds.append(feats["embed"][None].expand(n, -1, -1, -1))
-        s0s.append(feats["s0"][None].expand(n, -1, -1, -1))
-        s1s.append(feats["s1"][None].expand(n, -1, -1, -1))
-        coords.append(torch.from_numpy(c))
-        labels.append(torch.from_numpy(l))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            lo, io, ob = decoder(feats["embed"][None], feats["s0"][None], feats["s1"][None],
+                                 torch.from_numpy(c), torch.from_numpy(l), hw, multimask)
+        logits.append(lo.float())
+        iou_pred.append(io.float())
+        obj.append(ob.float())
         targets.append(low_res_targets(masks))
-    embed, s0, s1 = torch.cat(embeds), torch.cat(s0s), torch.cat(s1s)
-    coords, labels, target = torch.cat(coords), torch.cat(labels), torch.cat(targets)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits, iou_pred, obj = decoder(embed, s0, s1, coords, labels, hw, multimask)
-    logits, iou_pred, obj = logits.float(), iou_pred.float(), obj.float()
+    logits, iou_pred, obj, target = torch.cat(logits), torch.cat(iou_pred), torch.cat(obj), torch.cat(targets)
     per_mask, real_iou = mask_losses(logits, target)
     mask_loss = per_mask.min(dim=1).values.mean()
     best = per_mask.argmin(dim=1)
@@ -378,14 +376,13 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         if len(masks) == 0:
             continue
         n = len(masks)
-        rows = lambda t: t[None].expand(n, -1, -1, -1)
         boxes = np.stack([mask_to_box(m) for m in masks])
         corners = torch.from_numpy(np.stack([boxes[:, :2], boxes[:, 2:] + 1], 1))
         for kind, c, l in (
             ("box", corners, torch.tensor([[2, 3]]).expand(n, 2)),
             ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])), torch.ones(n, 1, dtype=torch.int64)),
         ):
-            logits, iou, _ = decoder(rows(f["embed"]), rows(f["s0"]), rows(f["s1"]), c, l, hw, True)
+            logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
             gt = torch.from_numpy(masks)[:, None]
             inter = (up & gt).sum((-1, -2)).float()
@@ -405,6 +402,16 @@ def train(args) -> None:
     cache = FeatureCache(Path(args.cache_dir), args.encoder_seed, hw)
     train_seeds = list(range(args.scenes))
     eval_seeds = [EVAL_SEED_BASE + i for i in range(args.eval_scenes)]
+    rdir = run_dir(args)
+    last = rdir / "last.pt"
+    ck = None
+    if last.is_file() and not args.restart and not args.featurize_only:
+        ck = load_checkpoint(last)
+        saved = json.loads(ck["config"])
+        if saved != _config(args):
+            diff = {k: (saved.get(k), v) for k, v in _config(args).items() if saved.get(k) != v}
+            raise SystemExit(f"{last} was trained with other settings {diff} (saved, now): pass the same "
+                             f"options, another --run, or --restart")
     featurize(cache, eval_seeds, args.encoder_seed, "held-out")
     featurize(cache, train_seeds, args.encoder_seed, "training")
     if args.featurize_only:
@@ -413,22 +420,15 @@ def train(args) -> None:
     decoder = Decoder(build_meta_model(args.train_seed, args.encoder_seed)).train()
     opt, sched = make_optimizer(decoder, args)
     rng = np.random.default_rng([args.train_seed, 1])
-    step = 0
-    rdir = run_dir(args)
-    last = rdir / "last.pt"
-    if last.is_file() and not args.restart:
-        ck = load_checkpoint(last)
-        saved = json.loads(ck["config"])
-        if saved != _config(args):
-            diff = {k: (saved.get(k), v) for k, v in _config(args).items() if saved.get(k) != v}
-            raise SystemExit(f"{last} was trained with other settings {diff} (saved, now): pass the same "
-                             f"options, another --run, or --restart")
+    step, last_val = 0, {}
+    if ck is not None:
         decoder.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step = ck["step"]
         torch.set_rng_state(ck["torch_rng"])
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        last_val = json.loads(ck["extra"])
         log(f"resumed {last} at step {step} of {args.steps}")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
@@ -458,15 +458,14 @@ def train(args) -> None:
             log(f"step {step}/{args.steps} lr {sched.get_last_lr()[0]:.2e} {means} rows/step "
                 f"{np.mean(acc['rows']):.1f} | {rate:.2f} s/step, ~{rate * (args.steps - step) / 3600:.1f} h left")
             acc = {}
-        extra = {}
         if args.val_every and (step % args.val_every == 0 or step == args.steps):
             v = quick_val(decoder, cache, eval_seeds, hw)
             log(f"val step {step}: held-out box mIoU {v['box_miou']:.4f}, one-click best-of-3 {v['click_best3']:.4f}")
-            extra = v
+            last_val = {**v, "step": step}
         if step % args.ckpt_every == 0 or step == stop_at:
-            save_checkpoint(last, decoder, opt, sched, step, rng, args, extra)
+            save_checkpoint(last, decoder, opt, sched, step, rng, args, last_val)
             if step % 1000 == 0 or step == args.steps:
-                save_checkpoint(rdir / f"step{step:06d}.pt", decoder, opt, sched, step, rng, args, extra)
+                save_checkpoint(rdir / f"step{step:06d}.pt", decoder, opt, sched, step, rng, args, last_val)
     if step >= args.steps:
         log(f"training finished at step {step}; next: --eval, then --export")
 
@@ -474,18 +473,20 @@ def train(args) -> None:
 # ---- evaluation and export ----------------------------------------------------------------------
 
 
-def _trained_from(args) -> dict[str, torch.Tensor]:
+def _trained_from(args) -> tuple[dict[str, torch.Tensor], dict]:
+    """Trained weights (float32) and what is known of their training (config, step)."""
     from sam2flow.testing import fixture
 
     if args.weights:
-        return fixture.load_trained(args.weights)
+        return fixture.load_trained(args.weights), {"source": str(args.weights)}
     path = Path(args.ckpt) if args.ckpt else run_dir(args) / "last.pt"
     if not path.is_file():
         raise SystemExit(f"no checkpoint {path}: train first")
     ck = load_checkpoint(path)
     log(f"weights of {path} (step {ck['step']})")
     model = ck["model"]
-    return {k: model[k].float() for k in fixture.trainable_keys()}
+    info = {"config": json.loads(ck["config"]), "step": ck["step"], "last_val": json.loads(ck["extra"])}
+    return {k: model[k].float() for k in fixture.trainable_keys()}, info
 
 
 def evaluate(args) -> dict:
@@ -502,7 +503,7 @@ def evaluate(args) -> dict:
     cache = FeatureCache(Path(args.cache_dir), args.encoder_seed, hw)
     eval_seeds = [EVAL_SEED_BASE + i for i in range(args.eval_scenes)]
     featurize(cache, eval_seeds, args.encoder_seed, "held-out")
-    trained = _trained_from(args)
+    trained, _ = _trained_from(args)
     if args.fp16_weights:  # what the committed file will hold
         trained = {k: v.half().float() for k, v in trained.items()}
     model, spec = fixture.fixture_model(trained=trained, seed=args.encoder_seed)
@@ -566,10 +567,10 @@ def export(args) -> None:
 
     from sam2flow.testing import fixture
 
-    trained = _trained_from(args)
+    trained, info = _trained_from(args)
     out = Path(args.out) if args.out else fixture.WEIGHTS_FILE
     meta = {"version": fixture.FIXTURE_VERSION, "encoder_seed": str(args.encoder_seed),
-            "train": json.dumps({**_config(args), "tool": "tools/train_fixture.py"})}
+            "training": json.dumps({**info, "tool": "tools/train_fixture.py"})}
     save_file({k: v.half().contiguous() for k, v in trained.items()}, str(out), metadata=meta)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
@@ -627,8 +628,8 @@ def main(argv=None) -> None:
     p.add_argument("--pct-start", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--encoder-seed", type=int, default=FIXTURE_SEED)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast of the decoder's forward (default: when the CPU has native bf16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bfloat16 autocast of the decoder's forward (off: on 2 AMX cores it saved <10 %% per step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--val-every", type=int, default=500, help="quick held-out validation (0: never)")
@@ -645,8 +646,6 @@ def main(argv=None) -> None:
     p.add_argument("--auto-points-per-side", type=int, default=32, help="unprompted grid for --eval (0: skip)")
     p.add_argument("--out", help="--export destination (default: the package's fixture_weights.safetensors)")
     args = p.parse_args(argv)
-    if args.bf16 is None:
-        args.bf16 = cpu_has_bf16()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.readout_check:

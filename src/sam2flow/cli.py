@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -230,8 +231,10 @@ def cmd_run_workflow(args) -> int:
     for item in args.checkpoint:
         version, sep, path = item.partition("=")
         checkpoints[version if sep else DEFAULT_VERSION] = path if sep else item
-    pool = EnginePool(args.family, args.device, args.dtype, checkpoints)
-    results = run_workflow(definition, inputs, pool)
+    if args.remote or os.environ.get("SAM2FLOW_REMOTE_URL"):
+        results = run_workflow(definition, inputs, execution="remote", api_url=args.remote)
+    else:
+        results = run_workflow(definition, inputs, EnginePool(args.family, args.device, args.dtype, checkpoints))
     text = json.dumps(serialize_outputs(results, "rle" if args.format == "rle" else "polygon"))
     if args.out:
         args.out.write_text(text + "\n")

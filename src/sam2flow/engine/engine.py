@@ -274,6 +274,12 @@ class Sam2Engine:
             low_res = low_res.clamp(-T.LOW_RES_LOGIT_LIMIT, T.LOW_RES_LOGIT_LIMIT)
             return Prediction(masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy())
 
+    def automatic(self, embedding: ImageEmbedding, config=None):
+        """Unprompted mode on one image: see ``sam2flow.engine.automatic.generate_masks``."""
+        from .automatic import AutomaticConfig, generate_masks
+
+        return generate_masks(self, embedding, config or AutomaticConfig())
+
     def segment(self, image: np.ndarray, boxes=None, points=None, point_labels=None, multimask_output: bool = True) -> Prediction:
         """Embed one image (cached) and decode its prompts."""
         return self.predict(self.embed([image])[0], boxes, points, point_labels, multimask_output=multimask_output)

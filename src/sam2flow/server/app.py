@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..engine.automatic import AutomaticConfig
 from ..engine.cache import EmbeddingCache
 from ..engine.pool import EnginePool
 from ..engine.prompts import Prompt
@@ -266,9 +267,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         prompts = _prompts(body, settings.max_prompts)
         engine, emb = await embedding_for(body.sam2_version_id, body.image, body.image_id)
         if prompts is None:
-            from ..engine.automatic import generate_masks
-
-            result = await run_in_threadpool(generate_masks, engine, emb)
+            config = AutomaticConfig(points_per_side=settings.automatic_points_per_side)
+            result = await run_in_threadpool(engine.automatic, emb, config)
             masks, scores, logits = result.masks, result.scores, None
         else:
             key = (body.sam2_version_id, emb.key)

@@ -33,6 +33,7 @@ class ServerSettings(BaseSettings):
     url_max_bytes: int = 20 << 20
     url_timeout_s: float = 10.0
     api_key: Optional[str] = None
+    automatic_points_per_side: int = 32  # unprompted requests: the point grid (cost grows with its square)
 
     @field_validator("preload", mode="before")
     @classmethod

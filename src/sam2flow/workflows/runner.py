@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,6 +21,9 @@ def run_workflow(
     inputs: Mapping[str, Any],
     engines: EnginePool | Sam2Engine | None = None,  # or any object with get(version) -> engine
     automatic_config=None,
+    execution: str | None = None,
+    api_url: str | None = None,
+    api_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run a workflow on a batch of images; one dict of outputs per image.
 
@@ -27,7 +31,12 @@ def run_workflow(
     ``{"type", "value"}`` dicts (a list makes a batch); detections as ``sv.Detections`` or the
     JSON prediction format (one per image); parameters as plain values. Detection outputs are
     ``sv.Detections``; ``serialize_outputs`` turns results into JSON.
+
+    ``execution="remote"`` (or ``$SAM2FLOW_REMOTE_URL`` set, with ``execution`` left unset) sends
+    the step's work to the sam2flow server at ``api_url`` (default ``$SAM2FLOW_REMOTE_URL``),
+    with ``api_key`` (default ``$SAM2FLOW_API_KEY``); no model is loaded here.
     """
+    engines = _engines_for(execution, api_url, api_key, engines)
     d = definition if isinstance(definition, Definition) else parse_definition(definition)
     if engines is None:
         pool = EnginePool()
@@ -67,6 +76,20 @@ def run_workflow(
         results[step.name] = segment_images(pool.get(p.version), images[name], [name] * size, boxes, p,
                                             automatic_config)
     return [{out: _select(sel, i, inputs, params, results) for out, sel in d.outputs} for i in range(size)]
+
+
+def _engines_for(execution, api_url, api_key, engines):
+    remote_url = api_url or os.environ.get("SAM2FLOW_REMOTE_URL")
+    execution = execution or ("remote" if remote_url and engines is None else "local")
+    if execution == "local":
+        return engines
+    if execution != "remote":
+        raise ValueError(f"execution must be 'local' or 'remote', got {execution!r}")
+    if not remote_url:
+        raise ValueError("remote execution needs api_url (or $SAM2FLOW_REMOTE_URL)")
+    from .remote import RemotePool
+
+    return RemotePool(remote_url, api_key or os.environ.get("SAM2FLOW_API_KEY"))
 
 
 def _required(inputs: Mapping[str, Any], name: str) -> Any:

@@ -133,9 +133,7 @@ def segment_images(
 
 
 def _automatic(engine, emb, params: StepParameters, config) -> sv.Detections:
-    from ..engine.automatic import AutomaticConfig, generate_masks
-
-    result = generate_masks(engine, emb, config or AutomaticConfig())
+    result = engine.automatic(emb, config)
     order = np.argsort(-result.scores, kind="stable")  # class ids follow decreasing score
     ids = list(range(len(order)))
     return masks_to_detections(result.masks[order], result.scores[order], ids, [str(i) for i in ids],

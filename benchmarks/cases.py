@@ -1,0 +1,357 @@
+"""The benchmark cases. Each returns result entries: one per configuration and variant.
+
+An entry holds ``ours``, ``reference``, ``unit`` and ``ratio`` (how many times faster, or for
+memory how many times smaller, we are), plus the raw samples and case-specific facts. Both sides
+get the same checkpoint, images and prompts, and are timed in the same interleaved loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import supervision as sv
+import torch
+
+from . import data
+from .timing import Measured, measure
+
+OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
+IOU_GUARD = 0.97
+
+
+@dataclass
+class Settings:
+    """Warm-ups, repeats and sizes of each case (``--quick`` or full; ``--warmup/--repeats`` override)."""
+
+    quick: bool
+    embed_warmup: int
+    embed_repeats: int
+    embed_b4_warmup: int
+    embed_b4_repeats: int
+    decode_warmup: int  # per image, before its first configuration (later ones reuse the warm state)
+    decode_repeats: int  # 10 boxes
+    decode_repeats_100: int  # 100 boxes (each run already averages over 100 boxes)
+    step_images: int
+    step_warmup: int
+    step_repeats: int
+    auto_points_per_side: int
+    auto_warmup: int
+    auto_repeats: int
+
+    @classmethod
+    def make(cls, quick: bool, warmup: int | None = None, repeats: int | None = None,
+             step_images: int | None = None, points_per_side: int | None = None) -> "Settings":
+        if quick:
+            s = cls(True, 1, 2, 0, 1, 1, 2, 1, 2, 1, 2, 16, 1, 1)
+        else:
+            s = cls(False, 2, 10, 1, 5, 2, 10, 5, 8, 1, 5, 32, 1, 5)
+        if warmup is not None:
+            s.embed_warmup = s.embed_b4_warmup = s.decode_warmup = s.step_warmup = s.auto_warmup = warmup
+        if repeats is not None:
+            s.embed_repeats = s.embed_b4_repeats = s.decode_repeats = s.decode_repeats_100 = repeats
+            s.step_repeats = s.auto_repeats = repeats
+        if step_images is not None:
+            s.step_images = step_images
+        if points_per_side is not None:
+            s.auto_points_per_side = points_per_side
+        return s
+
+
+@dataclass
+class Context:
+    """Everything one size on one device needs: both models, the settings, how to wait and log."""
+
+    size: str
+    device: torch.device
+    ckpt: data.Checkpoint
+    ours: Any
+    ours_bf16: Any | None  # None: bf16 skipped (not native, or failed its IoU guard)
+    bf16_note: str
+    ref_model: Any
+    predictor: Any
+    settings: Settings
+    sync: Callable[[], None]
+    log: Callable[[str], None]
+    threads: int
+    extra: dict = field(default_factory=dict)
+
+    def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
+        """The reference called as its README shows: under ``torch.inference_mode()``, and on a GPU's
+        bf16 row under ``torch.autocast(device, bfloat16)``."""
+
+        def call():
+            with torch.inference_mode():
+                if autocast:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                        return fn()
+                return fn()
+
+        return call
+
+    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any], ours_bf16: Callable[[], Any] | None = None) -> dict:
+        fns = {OURS: ours, REF: self.ref(ref)}
+        if ours_bf16 is not None and self.ours_bf16 is not None:
+            fns[OURS_BF16] = ours_bf16
+            if self.device.type == "cuda":
+                fns[REF_BF16] = self.ref(ref, autocast=True)
+        return fns
+
+
+def entry(ctx: Context, config: str, m: Measured, unit: str, convert: Callable[[float], float],
+          higher_is_better: bool = False, variant: str = OURS, warmup: int = 0, **extra) -> dict:
+    """One table row: medians of converted samples of ``variant`` and the matching reference."""
+    ref_name = REF_BF16 if variant == OURS_BF16 and REF_BF16 in m.samples else REF
+    ours_s = [convert(t) for t in m.samples[variant]]
+    ref_s = [convert(t) for t in m.samples[ref_name]]
+    ours_v, ref_v = statistics.median(ours_s), statistics.median(ref_s)
+    ratio = ours_v / ref_v if higher_is_better else ref_v / ours_v
+    return {
+        "size": ctx.size, "device": str(ctx.device), "config": config, "variant": variant,
+        "ours": ours_v, "reference": ref_v, "unit": unit, "ratio": ratio,
+        "higher_is_better": higher_is_better, "reference_mode": ref_name,
+        "warmup": warmup, "repeats": len(ours_s),
+        "samples": {"ours": ours_s, "reference": ref_s}, **extra,
+    }
+
+
+def rows(ctx: Context, config: str, m: Measured, unit: str, convert, higher_is_better=False, warmup=0,
+         bf16_extra: dict | None = None, **extra) -> list[dict]:
+    out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
+    if OURS_BF16 in m.samples:
+        out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_BF16, warmup, **(bf16_extra or {})))
+    return out
+
+
+# ---- bf16 guard -----------------------------------------------------------------------------
+
+
+def bf16_mask_iou(ours, ours_bf16) -> tuple[float, float]:
+    """Mean and minimum mask IoU, bf16 encoder vs float32, on two 640×480 scenes with 10 boxes each."""
+    images, dets = data.step_inputs(2, 10, seed=700)
+    ious = []
+    for image, d in zip(images, dets):
+        a = ours.predict(ours.embed([image])[0], boxes=d.xyxy).masks
+        b = ours_bf16.predict(ours_bf16.embed([image])[0], boxes=d.xyxy).masks
+        ious.append(data.mask_iou(a, b))
+    iou = np.concatenate(ious)
+    return float(iou.mean()), float(iou.min())
+
+
+# ---- 1. image embedding ---------------------------------------------------------------------
+
+
+def count_encoder_gflop(ctx: Context) -> float:
+    """GFLOP of one 1024 × 1024 image through the reference's image encoder (counted, not assumed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = int(ctx.ref_model.image_size)
+    x = torch.zeros(1, 3, size, size, device=ctx.device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        ctx.ref_model.forward_image(x)
+    return counter.get_total_flops() / 1e9
+
+
+def case_embed(ctx: Context) -> list[dict]:
+    s = ctx.settings
+    images = [data.scene(100 + i, (1024, 1024)).image for i in range(4)]
+    ctx.log("embed: counting encoder FLOPs (one untimed reference forward)")
+    gflop = count_encoder_gflop(ctx)
+    out = []
+    for batch in (1, 4):
+        batch_images = images[:batch]
+
+        def ref_set(b=batch_images):
+            if len(b) == 1:
+                ctx.predictor.set_image(b[0])
+            else:
+                ctx.predictor.set_image_batch(b)
+
+        fns = ctx.competitors(
+            lambda b=batch_images: ctx.ours.embed(b, use_cache=False),
+            ref_set,
+            (lambda b=batch_images: ctx.ours_bf16.embed(b, use_cache=False)) if ctx.ours_bf16 is not None else None,
+        )
+        warmup, repeats = (s.embed_warmup, s.embed_repeats) if batch == 1 else (s.embed_b4_warmup, s.embed_b4_repeats)
+        ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
+        m = measure(fns, warmup, repeats, ctx.sync)
+        per_image = lambda t, b=batch: t / b
+        made = rows(ctx, f"batch {batch}", m, "s/image", per_image, warmup=warmup,
+                    encoder_gflop_per_image=gflop, bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
+        for r in made:
+            r["achieved_gflops"] = gflop / r["ours"]
+            r["reference_gflops"] = gflop / r["reference"]
+        out += made
+    return out
+
+
+# ---- 2. box decoding ------------------------------------------------------------------------
+
+
+def reference_decode(predictor, boxes: np.ndarray):
+    """The reference's documented multi-box call, then the best of three candidates per box."""
+    masks, scores, _ = predictor.predict(box=boxes, multimask_output=True)
+    if masks.ndim == 3:  # one box: the reference squeezes the box axis away
+        masks, scores = masks[None], scores[None]
+    rows_ = np.arange(len(masks))
+    best = scores.argmax(1)
+    return masks[rows_, best] > 0, scores[rows_, best]
+
+
+def case_decode(ctx: Context) -> list[dict]:
+    s = ctx.settings
+    out = []
+    for (h, w), seed in (((480, 640), 500), ((1080, 1920), 501)):
+        sc = data.scene(seed, (h, w))
+        emb = ctx.ours.embed([sc.image])[0]
+        with torch.inference_mode():
+            ctx.predictor.set_image(sc.image)
+        for n in (10, 100):
+            boxes = data.detector_boxes(sc.boxes, (h, w), n, seed)
+            fns = ctx.competitors(lambda b=boxes: ctx.ours.predict(emb, boxes=b),
+                                  lambda b=boxes: reference_decode(ctx.predictor, b))
+            warmup = s.decode_warmup if n == 10 else 0
+            repeats = s.decode_repeats if n == 10 else s.decode_repeats_100
+            ctx.log(f"decode: {w}x{h}, {n} boxes, {warmup} warm-up + {repeats} repeats")
+            m = measure(fns, warmup, repeats, ctx.sync)
+            ours_masks = m.last[OURS].masks
+            ref_masks = m.last[REF][0]
+            iou = data.mask_iou(ours_masks, ref_masks)
+            out += rows(ctx, f"{w}x{h}, {n} boxes", m, "ms/box", lambda t, n=n: 1000 * t / n, warmup=warmup,
+                        mask_iou_vs_reference=float(iou.mean()), min_mask_iou_vs_reference=float(iou.min()))
+            m.last.clear()
+    return out
+
+
+# ---- 3. the workflow step -------------------------------------------------------------------
+
+
+def reference_step(predictor, images: list[np.ndarray], dets: list[sv.Detections]) -> list[sv.Detections]:
+    """The step's work done with the reference: embed, all boxes at once, best of three,
+    ``sv.Detections`` with xyxy from the masks and the boxes' class ids, names and ids."""
+    if len(images) == 1:
+        predictor.set_image(images[0])
+        outs = [predictor.predict(box=dets[0].xyxy, multimask_output=True)[:2]]
+    else:
+        predictor.set_image_batch(images)
+        masks, scores, _ = predictor.predict_batch(box_batch=[d.xyxy for d in dets], multimask_output=True)
+        outs = list(zip(masks, scores))
+    results = []
+    for (masks, scores), d in zip(outs, dets):
+        if masks.ndim == 3:
+            masks, scores = masks[None], scores[None]
+        rows_ = np.arange(len(masks))
+        best = scores.argmax(1)
+        m, sc = masks[rows_, best] > 0, scores[rows_, best]
+        keep = m.reshape(len(m), -1).any(1)
+        results.append(sv.Detections(
+            xyxy=sv.mask_to_xyxy(m[keep]).astype(np.float32), mask=m[keep], confidence=sc[keep].astype(np.float32),
+            class_id=d.class_id[keep],
+            data={"class_name": d.data["class_name"][keep], "parent_id": d.data["detection_id"][keep]},
+        ))
+    return results
+
+
+def step_iou(a: list[sv.Detections], b: list[sv.Detections]) -> tuple[float, int, int]:
+    """Mean mask IoU over detections present in both (matched by the prompting box's id)."""
+    ious, na, nb = [], 0, 0
+    for da, db in zip(a, b):
+        na, nb = na + len(da), nb + len(db)
+        index = {pid: i for i, pid in enumerate(db.data["parent_id"])}
+        for i, pid in enumerate(da.data["parent_id"]):
+            if pid in index:
+                ious.append(data.mask_iou(da.mask[i : i + 1], db.mask[index[pid] : index[pid] + 1])[0])
+    return (float(np.mean(ious)) if ious else float("nan")), na, nb
+
+
+def run_step_ours(engine, images, dets, version):
+    from sam2flow.workflows.step import StepParameters, segment_images
+
+    ids = [f"image-{i}" for i in range(len(images))]
+    return segment_images(engine, images, ids, dets, StepParameters(version=version), None)
+
+
+def case_step(ctx: Context) -> list[dict]:
+    s = ctx.settings
+    images, dets = data.step_inputs(s.step_images)
+    fns = ctx.competitors(
+        lambda: run_step_ours(ctx.ours, images, dets, ctx.size),
+        lambda: reference_step(ctx.predictor, images, dets),
+        (lambda: run_step_ours(ctx.ours_bf16, images, dets, ctx.size)) if ctx.ours_bf16 is not None else None,
+    )
+    ctx.log(f"step: {len(images)} images 640x480 x 10 boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
+    m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
+    iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
+    bf16_extra = {}
+    if OURS_BF16 in m.last:
+        bf16_iou, _, _ = step_iou(m.last[OURS_BF16], m.last[OURS])
+        bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
+    return rows(ctx, f"{len(images)} x 640x480, 10 boxes each", m, "images/s", lambda t: len(images) / t,
+                higher_is_better=True, warmup=s.step_warmup, bf16_extra=bf16_extra,
+                mask_iou_vs_reference=iou, detections_ours=n_ours, detections_reference=n_ref)
+
+
+# ---- 4. automatic mask generation -----------------------------------------------------------
+
+
+def case_automatic(ctx: Context) -> list[dict]:
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam2flow.engine.automatic import AutomaticConfig, generate_masks
+
+    s = ctx.settings
+    pps = s.auto_points_per_side
+    image = data.scene(600, (768, 1024)).image
+    config = AutomaticConfig(points_per_side=pps)  # every other setting: the reference's default
+    generator = SAM2AutomaticMaskGenerator(ctx.ref_model, points_per_side=pps, points_per_batch=config.points_per_batch,
+                                           pred_iou_thresh=config.pred_iou_thresh,
+                                           stability_score_thresh=config.stability_score_thresh,
+                                           box_nms_thresh=config.box_nms_thresh)
+    fns = ctx.competitors(lambda: generate_masks(ctx.ours, ctx.ours.embed([image], use_cache=False)[0], config),
+                          lambda: generator.generate(image))
+    ctx.log(f"automatic: 1024x768, {pps} points per side, {s.auto_warmup} warm-up + {s.auto_repeats} repeats")
+    m = measure(fns, s.auto_warmup, s.auto_repeats, ctx.sync)
+    return rows(ctx, f"1024x768, {pps}x{pps} points", m, "s", lambda t: t, warmup=s.auto_warmup,
+                masks_ours=len(m.last[OURS]), masks_reference=len(m.last[REF]), points_per_side=pps)
+
+
+# ---- 5. peak memory of the step -------------------------------------------------------------
+
+
+def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, images: int, threads: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.memory_worker", "--impl", impl, "--version", ckpt.version,
+           "--family", ckpt.family, "--checkpoint", str(ckpt.path), "--device", device,
+           "--images", str(images), "--threads", str(threads)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker ({impl}, {ctx_size}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log) -> list[dict]:
+    """Peak resident memory of the step case, each side alone in a fresh process."""
+    n = settings.step_images
+    log(f"memory: step on {n} images, ours and the reference each in its own process")
+    res = {impl: memory_worker(impl, size, ckpt, str(device), n, threads) for impl in ("ours", "reference")}
+    mib = lambda r: r["peak_rss_mib"]
+    out = [{
+        "size": size, "device": str(device), "config": f"step, {n} x 640x480, 10 boxes each", "variant": OURS,
+        "ours": mib(res["ours"]), "reference": mib(res["reference"]), "unit": "MiB peak RSS",
+        "ratio": mib(res["reference"]) / mib(res["ours"]), "higher_is_better": False, "reference_mode": REF,
+        "warmup": 0, "repeats": 1,
+        "after_load_mib": {k: v["after_load_rss_mib"] for k, v in res.items()},
+        "baseline_mib": {k: v["baseline_rss_mib"] for k, v in res.items()},
+        "samples": {k: [mib(v)] for k, v in res.items()},
+    }]
+    if device.type == "cuda":
+        out[0]["cuda_peak_allocated_mib"] = {k: v.get("cuda_peak_allocated_mib") for k, v in res.items()}
+    return out
+

@@ -1,0 +1,61 @@
+"""Timing: interleaved repeats of competing callables, medians, and device synchronisation."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for queued device work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+@dataclass
+class Measured:
+    """Seconds per call for each competitor, and the result of its last call."""
+
+    samples: dict[str, list[float]]
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+
+def measure(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+) -> Measured:
+    """Run every callable ``warmup`` times untimed, then ``repeats`` timed rounds.
+
+    Rounds interleave the competitors (A B C, then C B A, ...), so a slow spell of a shared
+    machine hits all of them alike instead of one; a garbage collection runs before each timed
+    call, outside the timing.
+    """
+    names = list(fns)
+    last: dict[str, Any] = {}
+    for _ in range(warmup):
+        for name in names:
+            last[name] = fns[name]()
+            sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            last.pop(name, None)  # free the previous output before the next run allocates its own
+            gc.collect()
+            sync()
+            t0 = time.perf_counter()
+            out = fns[name]()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+            last[name] = out
+    return Measured(samples, last)
