@@ -432,7 +432,7 @@ def train(args) -> None:
         log(f"resumed {last} at step {step} of {args.steps}")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
-    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; cpu bf16 {cpu_has_bf16()}")
+    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {cpu_has_bf16()})")
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
     kinds, probs = list(PROMPT_KINDS), np.array(list(PROMPT_KINDS.values()))

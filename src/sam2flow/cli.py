@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
 
+    bat = sub.add_parser("batch", help="segment a directory (or glob) of images into JSON Lines, resumably")
+    bat.add_argument("input", help="a directory of images or a glob pattern (quote it)")
+    bat.add_argument("--boxes", help="a directory of <stem>.json detections or one JSONL with a 'file' key; "
+                                     "without it, unprompted mode")
+    bat.add_argument("--out", type=Path, required=True, help="output .jsonl (appended; re-runs skip done files)")
+    bat.add_argument("--format", choices=("rle", "polygon"), default="rle")
+    bat.add_argument("--batch-size", type=int, default=4, help="images embedded together")
+    bat.add_argument("--threshold", type=float, default=0.0)
+    bat.add_argument("--single-mask", action="store_true")
+    bat.add_argument("--points-per-side", type=int, default=32, help="unprompted mode's point grid")
+    _add_model_args(bat)
+
     srv = sub.add_parser("serve", help="run the SAM2 inference server (inference-sdk compatible HTTP API)")
     srv.add_argument("--host", help="default 127.0.0.1 (SAM2FLOW_HOST)")
     srv.add_argument("--port", type=int, help="default 9001 (SAM2FLOW_PORT)")
@@ -243,10 +255,32 @@ def cmd_run_workflow(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .engine.engine import Sam2Engine
+    from .scale.batch import run_batch
+    from .workflows.step import StepParameters
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if args.out.suffix != ".jsonl":
+        raise ValueError(f"--out {args.out} must end in .jsonl")
+    engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
+                                        dtype=args.dtype, max_batch_size=args.batch_size)
+    params = StepParameters(args.version, args.threshold, not args.single_mask)
+    from .engine.automatic import AutomaticConfig
+
+    config = AutomaticConfig(points_per_side=args.points_per_side)
+    summary = run_batch(engine, args.input, args.out, args.boxes, args.format, args.batch_size, params,
+                        automatic_config=config)
+    print(f"sam2flow batch: {summary.line()}" + (f"; unreadable: {', '.join(summary.failed)}" if summary.failed else ""),
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"segment": cmd_segment, "run-workflow": cmd_run_workflow, "serve": cmd_serve}
+        commands = {"segment": cmd_segment, "run-workflow": cmd_run_workflow, "serve": cmd_serve, "batch": cmd_batch}
         return commands[args.command](args)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split())

@@ -1,0 +1,1 @@
+"""Beyond one call: dataset-scale batch segmentation."""
