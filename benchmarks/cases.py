@@ -182,8 +182,7 @@ def case_embed(ctx: Context) -> list[dict]:
         warmup, repeats = (s.embed_warmup, s.embed_repeats) if batch == 1 else (s.embed_b4_warmup, s.embed_b4_repeats)
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)
-        per_image = lambda t, b=batch: t / b
-        made = rows(ctx, f"batch {batch}", m, "s/image", per_image, warmup=warmup,
+        made = rows(ctx, f"batch {batch}", m, "s/image", lambda t, b=batch: t / b, warmup=warmup,
                     encoder_gflop_per_image=gflop, bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
         for r in made:
             r["achieved_gflops"] = gflop / r["ours"]
@@ -341,7 +340,10 @@ def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings
     n = settings.step_images
     log(f"memory: step on {n} images, ours and the reference each in its own process")
     res = {impl: memory_worker(impl, size, ckpt, str(device), n, threads) for impl in ("ours", "reference")}
-    mib = lambda r: r["peak_rss_mib"]
+
+    def mib(r: dict) -> float:
+        return r["peak_rss_mib"]
+
     out = [{
         "size": size, "device": str(device), "config": f"step, {n} x 640x480, 10 boxes each", "variant": OURS,
         "ours": mib(res["ours"]), "reference": mib(res["reference"]), "unit": "MiB peak RSS",

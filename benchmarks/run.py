@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = cases.Settings.make(args.quick, args.warmup, args.repeats, args.step_images, args.points_per_side)
+    if args.quick and args.warmup is None and any(c in args.cases for c in ("embed", "decode", "step")):
+        settings.auto_warmup = 0  # the cases before it have warmed both sides' encoder and decoder up
     command = "python -m benchmarks.run " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
 
     machine = mach.facts(args.devices)
