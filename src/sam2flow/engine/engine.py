@@ -14,6 +14,7 @@ from ..models.registry import ModelSpec
 from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
+from .fast import streamline_encoder
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 
 LOW_RES = 256  # side of the decoder's mask logits
@@ -116,6 +117,7 @@ class Sam2Engine:
         self.cache = cache if cache is not None else EmbeddingCache()
         self.model = model.eval().to(self.device, torch.float32)
         self.model.vision_encoder.to(self.dtype)
+        streamline_encoder(self.model)
         self.input_size = int(model.config.prompt_encoder_config.image_size)
         with torch.inference_mode():
             self._image_pe = self.model.get_image_wide_positional_embeddings()
