@@ -13,7 +13,6 @@ import torch
 from sam2flow.testing import fixture
 from sam2flow.testing.scenes import KINDS, make_scene, mask_to_box
 
-
 # ---- scenes -------------------------------------------------------------------------------------
 
 

@@ -143,24 +143,27 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
     return out
 
 
+def key_problems(expected: dict[str, tuple], got: dict[str, torch.Tensor], show: int = 6) -> list[str]:
+    """What keeps ``got`` from matching the key → shape map ``expected``: missing, unexpected, mis-shaped."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:show])}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} key(s): {', '.join(extra[:show])}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(got[k].shape)} vs {tuple(expected[k])}")
+    return problems
+
+
 def load_converted(
     model: torch.nn.Module, converted: dict[str, torch.Tensor], spec: ModelSpec, assign: bool = False
 ) -> None:
     """Load converted weights strictly; any missing key or shape mismatch is a ``CheckpointError``."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    wrong = [k for k in expected if k in converted and converted[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:6])}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} key(s): {', '.join(extra[:6])}")
-    if wrong:
-        k = wrong[0]
-        problems.append(
-            f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(converted[k].shape)} vs {tuple(expected[k].shape)}"
-        )
+    problems = key_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, converted)
     if problems:
         raise CheckpointError(f"checkpoint does not fit {spec.name}: " + "; ".join(problems))
     model.load_state_dict(converted, strict=True, assign=assign)

@@ -38,6 +38,7 @@ and the decoder's ``conv_s0``/``conv_s1`` (the high-resolution feature projectio
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.convert import key_problems
 from ..models.registry import FAMILIES, ModelSpec, get_spec
 
 FIXTURE_SEED = 0
@@ -80,7 +82,7 @@ def _norm(out: list[Entry], name: str, n: int) -> None:
 
 
 def _mlp(out: list[Entry], name: str, dims: list[int]) -> None:
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         _linear(out, f"{name}.layers.{i}", b, a)
 
 
@@ -293,17 +295,7 @@ def load_trained(path: str | os.PathLike | None = None) -> dict[str, torch.Tenso
 
 
 def _check_trained(trained: dict[str, torch.Tensor]) -> None:
-    layout = {k: s for k, s, _ in decoder_layout()}
-    missing = sorted(set(layout) - set(trained))
-    extra = sorted(set(trained) - set(layout))
-    wrong = [k for k in layout if k in trained and tuple(trained[k].shape) != layout[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} key(s): {', '.join(extra[:5])}")
-    if wrong:
-        problems.append(f"wrong shape for {', '.join(wrong[:5])}")
+    problems = key_problems({k: s for k, s, _ in decoder_layout()}, trained, show=5)
     if problems:
         raise FixtureError("trained fixture weights do not fit the prompt encoder + mask decoder: " + "; ".join(problems))
 

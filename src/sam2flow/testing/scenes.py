@@ -8,8 +8,10 @@ above it. A shape whose visible part is smaller than ``min_area`` pixels (defaul
 image, at least 64 pixels) is dropped: it is neither in ``masks`` nor in ``boxes`` (its pixels
 stay painted in the image, hidden under the later shapes).
 
-Everything is drawn from ``numpy.random.default_rng(seed)`` in a fixed order with IEEE float
-arithmetic, so a seed gives the same scene, pixel for pixel, on every machine. Geometry is
+Everything is drawn from ``numpy.random.default_rng(seed)`` in a fixed order, so a seed gives the
+same scene on every run and machine (numpy's ``Generator`` streams are stable across platforms; a
+last-bit difference of a platform's sin/cos would almost never survive the rounding to uint8
+pixels and pixel-centre tests; ``tests/test_scenes.py`` pins a fingerprint). Geometry is
 rasterised on pixel centres: pixel (x, y) belongs to a shape iff its centre ``(x + 0.5, y + 0.5)``
 does (polygons: OpenCV's ``fillPoly`` with sub-pixel vertices). The image is painted from the same
 rasters, so a mask pixel always carries its shape's colour.
