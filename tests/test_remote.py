@@ -54,3 +54,23 @@ def test_remote_env_variable_and_errors(live_server, monkeypatch):
         run_workflow(DEFINITION, inputs, execution="remote", api_url=dead)
     with pytest.raises(ValueError, match="local' or 'remote"):
         run_workflow(DEFINITION, inputs, execution="cloud")
+
+
+def test_cli_remote_flag(live_server, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(IMAGES[0]).save(tmp_path / "a.png")
+    (tmp_path / "wf.json").write_text(json.dumps(DEFINITION))
+    (tmp_path / "d.json").write_text(json.dumps(DETECTIONS[0]))
+    env = {**__import__("os").environ, "SAM2FLOW_API_KEY": SERVER_API_KEY}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"), "--remote", live_server,
+         "--input", f"image={tmp_path / 'a.png'}", "--input", f"detections=@{tmp_path / 'd.json'}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [p["class"] for p in json.loads(proc.stdout)[0]["predictions"]["predictions"]] == ["cat", "dog"]

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     run.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+    run.add_argument("--remote", metavar="URL", help="send the step's work to this sam2flow server "
+                     "(default $SAM2FLOW_REMOTE_URL; the key comes from $SAM2FLOW_API_KEY)")
 
     bat = sub.add_parser("batch", help="segment a directory (or glob) of images into JSON Lines, resumably")
     bat.add_argument("input", help="a directory of images or a glob pattern (quote it)")
