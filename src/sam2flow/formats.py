@@ -135,14 +135,7 @@ def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
 def _rle_size(rle: Any) -> tuple[int, int]:
     if not isinstance(rle, Mapping):
         raise ValueError(f"rle must be a dict, got {type(rle).__name__}")
-    size = rle.get("size")
-    if (
-        not isinstance(size, (list, tuple))
-        or len(size) != 2
-        or not all(_is_int(v) and v >= 0 for v in size)
-    ):
-        raise ValueError(f"rle 'size' must be [height, width] non-negative ints, got {size!r}")
-    return int(size[0]), int(size[1])
+    return _check_hw(rle.get("size"), "rle 'size'")
 
 
 def _rle_runs(counts: Any) -> tuple[list[int], bytes | None]:
