@@ -94,18 +94,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(tiny_checkpoint, tmp_path_factory):
-    """A real server process on a free loopback port (tiny checkpoint, API key, small limits)."""
+def start_server(checkpoint, log):
+    """Start ``sam2flow serve`` on a free loopback port (API key, small limits); → (url, process)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "SAM2FLOW_API_KEY": SERVER_API_KEY, "SAM2FLOW_MAX_PROMPTS": "20",
            "SAM2FLOW_MAX_IMAGE_PIXELS": "4000000", "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
            "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
-             "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
+             "--checkpoint", str(checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"
@@ -113,21 +111,28 @@ def live_server(tiny_checkpoint, tmp_path_factory):
     while time.time() < deadline:
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
+                return url, proc
         except requests.ConnectionError:
             pass
         if proc.poll() is not None:
             pytest.fail(f"server exited: {log.read_text()[-2000:]}")
         time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
-    yield url
+    proc.kill()
+    pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
+
+
+def stop_server(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    assert proc.returncode is not None
+        proc.wait()
 
 
+@pytest.fixture(scope="session")
+def live_server(tiny_checkpoint, tmp_path_factory):
+    """A real server process with the random-weights tiny checkpoint."""
+    url, proc = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
+    yield url
+    stop_server(proc)

@@ -102,7 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--checkpoint", help="weights for the first preloaded version (SAM2FLOW_CHECKPOINT)")
     srv.add_argument("--max-batch-size", type=int, help="images embedded together (SAM2FLOW_MAX_BATCH_SIZE)")
     srv.add_argument("--max-wait-ms", type=float, help="batching wait (SAM2FLOW_MAX_WAIT_MS)")
+    fix = sub.add_parser("fixture", help="write the offline fixture model (hiera_tiny trained on synthetic shapes)")
+    dest = fix.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", type=Path, metavar="FILE.pt", help="an original-layout checkpoint (Meta's format)")
+    dest.add_argument("--hf", type=Path, metavar="DIR", help="a Hugging Face directory (config.json + safetensors)")
+    fix.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
+
+    demo = sub.add_parser("demo", help="run the workflow step on a generated scene with the fixture model (offline)")
+    demo.add_argument("--out", type=Path, default=Path("sam2flow-demo"), help="output directory (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=3, help="which generated scene")
     return parser
+
+
+def cmd_fixture(args) -> int:
+    from .testing.fixture import write_checkpoint, write_hf_directory
+
+    if args.out is not None:
+        path = write_checkpoint(args.out, args.family)
+        print(f"sam2flow fixture: wrote {path} (hiera_tiny, {args.family}, original layout)", file=sys.stderr)
+    else:
+        path = write_hf_directory(args.hf, args.family)
+        print(f"sam2flow fixture: wrote {path} (hiera_tiny, {args.family}, Hugging Face directory)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .testing.demo import run_demo
+
+    result = run_demo(args.out, seed=args.seed)
+    iou = f"; mean IoU with the true shapes {result.ious.mean():.3f}" if len(result.ious) else ""
+    print(f"sam2flow demo: {len(result.detections)} of {len(result.scene)} shapes segmented{iou}")
+    for name, path in result.files.items():
+        print(f"  {name}: {path}")
+    print("The demo model only knows synthetic shapes; for real images see the README (weights).")
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -280,11 +313,14 @@ def cmd_batch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .testing.fixture import FixtureError
+
     args = build_parser().parse_args(argv)
     try:
-        commands = {"segment": cmd_segment, "run-workflow": cmd_run_workflow, "serve": cmd_serve, "batch": cmd_batch}
+        commands = {"segment": cmd_segment, "run-workflow": cmd_run_workflow, "serve": cmd_serve, "batch": cmd_batch,
+                    "fixture": cmd_fixture, "demo": cmd_demo}
         return commands[args.command](args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FixtureError) as e:
         message = " ".join(str(e).split())
         print(f"sam2flow: error: {message}", file=sys.stderr)
         return 1
