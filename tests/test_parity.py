@@ -114,6 +114,35 @@ def test_mask_input_parity(make_checkpoint):
     assert_parity(ours, ref)
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_fused_decoder_equals_transformers_decoder(tiny_checkpoint, multimask):
+    """Many prompts (several chunks), clicks, boxes with clicks and mask inputs: the fused decoder
+    gives the reference decoder's logits within float32 rounding."""
+    from sam2flow.engine.engine import DECODE_CHUNK
+    from sam2flow.engine.prompts import PromptArrays
+
+    fused = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu")
+    plain = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu",
+                                       fused_decoder=False)
+    image = random_image(300, 500, seed=5)
+    emb = fused.embed([image])[0]
+    rng = np.random.default_rng(1)
+    n = 2 * DECODE_CHUNK + 3
+    xy = rng.uniform(0, 300, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 200, (n, 2))], 1).astype(np.float32)
+    clicks = rng.uniform(0, 300, (n, 2, 2)).astype(np.float32)
+    labels = rng.integers(0, 2, (n, 2)).astype(np.int32)
+    masks_in = rng.normal(0, 4, (n, 1, 256, 256)).astype(np.float32)
+    for prompts in (PromptArrays(boxes, None, None, None), PromptArrays(None, clicks, labels, None),
+                    PromptArrays(boxes, clicks, labels, None), PromptArrays(boxes, None, None, masks_in)):
+        got_logits, got_iou = fused.decode_low_res(emb, prompts, multimask)
+        want_logits, want_iou = plain.decode_low_res(emb, prompts, multimask)
+        assert got_logits.shape == want_logits.shape == (n, 3 if multimask else 1, 256, 256)
+        assert torch.allclose(got_logits, want_logits, atol=1e-4, rtol=0)
+        assert torch.allclose(got_iou, want_iou, atol=1e-5, rtol=0)
+        assert ((got_logits > 0) != (want_logits > 0)).float().mean() < 1e-5
+
+
 def test_batched_embedding_matches_single(tiny_engine):
     """Images of different sizes embedded in one batch equal the same images embedded alone."""
     images = [random_image(240, 320, 1), random_image(333, 517, 2), random_image(512, 200, 3)]

@@ -14,10 +14,12 @@ from ..models.registry import ModelSpec
 from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
+from .decoder import decode
 from .fast import streamline_encoder
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 
 LOW_RES = 256  # side of the decoder's mask logits
+DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Sam2Engine:
     ``dtype`` applies to the image encoder (the expensive part); the prompt decoder runs in
     float32 so masks and scores keep full precision. Embeddings are cached by image content in
     ``cache`` (shared by every caller; pass one cache to several engines to share it).
+    ``fused_decoder`` (default) decodes with ``sam2flow.engine.decoder``, which does the image-sized
+    work once per image instead of once per prompt (equal within float32 rounding); False runs
+    transformers' decoder as is (bit-identical to the reference package).
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class Sam2Engine:
         dtype: str | torch.dtype = torch.float32,
         max_batch_size: int = 4,
         cache: EmbeddingCache | None = None,
+        fused_decoder: bool = True,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -114,6 +120,7 @@ class Sam2Engine:
         self.device = pick_device(device)
         self.dtype = parse_dtype(dtype)
         self.max_batch_size = max_batch_size
+        self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
         self.model = model.eval().to(self.device, torch.float32)
         self.model.vision_encoder.to(self.dtype)
@@ -253,18 +260,27 @@ class Sam2Engine:
             xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
             lab = torch.cat(labels, 1).to(dev)
             mask = torch.from_numpy(prompts.mask_input).to(dev) if prompts.mask_input is not None else None
-            # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows, and
-            # the image embedding is expanded, not copied; high-resolution features broadcast.
+            # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows.
             sparse, dense = self.model.prompt_encoder(xy[:, None], lab[:, None], None, mask)
-            low_res, iou, _, _ = self.model.mask_decoder(
-                image_embeddings=emb.image_embed[None].expand(len(xy), -1, -1, -1),
-                image_positional_embeddings=self._image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-                high_resolution_features=[f[None] for f in emb.high_res_feats],
-            )
-        return low_res[:, 0], iou[:, 0]
+            if not self.fused_decoder:
+                low_res, iou, _, _ = self.model.mask_decoder(
+                    image_embeddings=emb.image_embed[None].expand(len(xy), -1, -1, -1),
+                    image_positional_embeddings=self._image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                    high_resolution_features=[f[None] for f in emb.high_res_feats],
+                )
+                return low_res[:, 0], iou[:, 0]
+            if mask is None:
+                dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
+            # A few prompts at a time keeps each chunk's (prompts, 4096, 256) tensors in cache.
+            parts = [
+                decode(self.model.mask_decoder, emb.image_embed, self._image_pe, sparse[i : i + DECODE_CHUNK],
+                       dense if mask is None else dense[i : i + DECODE_CHUNK], emb.high_res_feats, multimask_output)
+                for i in range(0, len(xy), DECODE_CHUNK)
+            ]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool) -> Prediction:
         low_res, iou = self.decode_low_res(emb, prompts, multimask_output)

@@ -1,0 +1,205 @@
+"""SAM2's mask decoder for many prompts on one image, without per-prompt projections of the image.
+
+transformers' decoder copies the image embedding for every prompt and then, in each of its five
+token↔image attentions, projects all 4096 image tokens of every copy (a [4096, 256] × [256, 128]
+matmul per attention per prompt) and splits heads with memory copies. The arithmetic below is the
+same function, ordered so that image-sized work happens once per image or shrinks to the number
+of tokens (~9 per prompt):
+
+- The first block's image side is the same for every prompt (the image embedding plus the
+  no-mask embedding): its key, value and query projections run once per image.
+- Elsewhere the projections are folded into the tokens. Tokens attending to image tokens X
+  (+ positions P): ``softmax(q Wk (X+P)ᵀ) (X Wvᵀ + bv) = (softmax((q Wk)(X+P)ᵀ) X) Wvᵀ + bv``
+  (the key bias adds the same logit to every image token, and attention rows sum to one).
+  Image tokens attending to tokens: ``q·k = (X+P)·(Wqᵀ k) + bq·k``, and the output projection is
+  applied to the ~9 token values before mixing them, not to 4096 mixed rows.
+
+Results equal transformers' within float32 rounding (the tests compare masks by IoU against the
+reference package); mask inputs (a different dense embedding per prompt) only lose the sharing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., T, heads·d) → (..., heads, T, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(..., heads, T, d) → (..., T, heads·d)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def _ln(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _self_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Token self-attention (N, T, C) → (N, T, C): small, done plainly."""
+    h = attn.num_attention_heads
+    out = F.scaled_dot_product_attention(_heads(attn.q_proj(q), h), _heads(attn.k_proj(k), h),
+                                         _heads(attn.v_proj(v), h), scale=attn.scaling)
+    return attn.o_proj(_merge(out))
+
+
+def _tokens_to_shared_image(attn, q: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor) -> torch.Tensor:
+    """Tokens (N, T, C) attend to one image's projected keys/values (heads, L, d) → (N, T, C)."""
+    n, t, _ = q.shape
+    h = attn.num_attention_heads
+    qh = attn.q_proj(q).view(n * t, h, -1).transpose(0, 1)  # all prompts' tokens as one query set
+    out = F.scaled_dot_product_attention(qh[None], k_img[None], v_img[None], scale=attn.scaling)[0]
+    return attn.o_proj(out.transpose(0, 1).reshape(n, t, -1))
+
+
+def _with_positions(a: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``a @ (x + pos)ᵀ`` for a (N, R, C), x (N, L, C), pos (L, C), without materialising x + pos."""
+    n, r, c = a.shape
+    return torch.baddbmm((a.reshape(n * r, c) @ pos.t()).view(n, r, -1), a, x.transpose(1, 2))
+
+
+def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Tokens q (N, T, C) attend to per-prompt image tokens x (N, L, C) (keys x + pos) → (N, T, C)."""
+    n, t, c = q.shape
+    h = attn.num_attention_heads
+    a = torch.einsum("nhtd,hdc->nhtc", _heads(attn.q_proj(q), h), attn.k_proj.weight.view(h, -1, c))
+    p = _with_positions(a.mul_(attn.scaling).reshape(n, h * t, c), x, pos).softmax(-1)  # (N, heads·T, L)
+    px = torch.bmm(p, x).view(n, h, t, c)
+    out = torch.einsum("nhtc,hdc->nhtd", px, attn.v_proj.weight.view(h, -1, c)) + attn.v_proj.bias.view(h, 1, -1)
+    return attn.o_proj(_merge(out))
+
+
+def _image_to_tokens(attn, x, pos, k, v, q_img=None) -> torch.Tensor:
+    """x + attention of image tokens x (N or 1, L, C) (queries x + pos) to tokens k, v (N, T, C).
+
+    Returns (N, L, C), the residual sum included. ``q_img`` (heads, L, d): the image side's query
+    projection, when x is one image shared by all prompts.
+    """
+    n, t, c = k.shape
+    h = attn.num_attention_heads
+    kh = _heads(attn.k_proj(k), h)  # (N, heads, T, d)
+    if q_img is not None:
+        logits = torch.einsum("hld,nhtd->nhtl", q_img, kh).mul_(attn.scaling)
+    else:
+        b = torch.einsum("hdc,nhtd->nhtc", attn.q_proj.weight.view(h, -1, c), kh).mul_(attn.scaling)
+        bias = torch.einsum("hd,nhtd->nht", attn.q_proj.bias.view(h, -1), kh).mul_(attn.scaling)
+        logits = _with_positions(b.reshape(n, h * t, c), x, pos).add_(bias.reshape(n, h * t, 1)).view(n, h, t, -1)
+    p = logits.softmax(2)  # over the tokens: (N, heads, T, L)
+    # Values go through the output projection before mixing; each image token's weights sum to 1
+    # per head, so the output bias rides along as bias / heads.
+    u = torch.einsum("nhtd,chd->nhtc", _heads(attn.v_proj(v), h), attn.o_proj.weight.view(c, h, -1))
+    u = u + attn.o_proj.bias / h
+    return torch.baddbmm(x.expand(n, -1, -1), p.reshape(n, h * t, -1).transpose(1, 2), u.reshape(n, h * t, c))
+
+
+def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor):
+    """The two-way transformer: tokens (N, T, C), image (N or 1, L, C), positions (L, C).
+
+    Returns (tokens (N, T, C), image tokens (N, L, C)).
+    """
+    queries, x = tokens, image
+    shared = x.shape[0] == 1
+    for layer in tr.layers:
+        if layer.skip_first_layer_pe:
+            queries = _self_attention(layer.self_attn, queries, queries, queries)
+        else:
+            qp = queries + tokens
+            queries = queries + _self_attention(layer.self_attn, qp, qp, queries)
+        queries = _ln(layer.layer_norm1, queries)
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        q_img = None
+        if shared:  # one image for every prompt: project its tokens once
+            xp = x[0] + pos
+            h = t2i.num_attention_heads
+            k_img, v_img = _heads(t2i.k_proj(xp), h), _heads(t2i.v_proj(x[0]), h)
+            queries = queries + _tokens_to_shared_image(t2i, queries + tokens, k_img, v_img)
+            q_img = _heads(i2t.q_proj(xp), i2t.num_attention_heads)
+        else:
+            queries = queries + _tokens_to_image(t2i, queries + tokens, x, pos)
+        queries = _ln(layer.layer_norm2, queries)
+        queries = _ln(layer.layer_norm3, queries + layer.mlp(queries))
+        x = _ln(layer.layer_norm4, _image_to_tokens(i2t, x, pos, queries + tokens, queries, q_img))
+        shared = False
+    queries = queries + _tokens_to_image(tr.final_attn_token_to_image, queries + tokens, x, pos)
+    return _ln(tr.layer_norm_final_attn, queries), x
+
+
+def _sub_pixels(feat: torch.Tensor, levels: int) -> torch.Tensor:
+    """(C, H·2^k, W·2^k) → (H·W·4^k... , C) rows in the order ``_upscaled_masks`` produces pixels.
+
+    Row order: source pixel (i, j), then the (a, b) offsets of each level; channels last.
+    """
+    c, h, w = feat.shape
+    s = 2**levels
+    f = feat.view(c, h // s, *([2] * levels), w // s, *([2] * levels))
+    # dims: c, i, a1..ak, j, b1..bk  →  i, j, a1, b1, ..., ak, bk, c
+    order = [1, 2 + levels] + [d for k in range(levels) for d in (2 + k, 3 + levels + k)] + [0]
+    return f.permute(order).reshape(-1, c)
+
+
+def _upscaled_masks(decoder, x: torch.Tensor, high_res, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The upscaling path and the hypernetwork product: (N, L, C) image tokens → (N, K, 4H, 4W) logits.
+
+    A stride-2, 2 × 2 transposed convolution maps each input pixel to its own 2 × 2 block, so it
+    is one matmul per level in a "source pixel, then sub-pixel" order with channels last (the
+    layer norm then runs over contiguous channels); pixels return to raster order only for the K
+    masks at the end. ``hyper`` (N, K, C/8).
+    """
+    n, l, c = x.shape
+    s0, s1 = high_res
+    conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # (C, a·b·C1)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * c1)
+    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * c2)
+    norm = decoder.upscale_layer_norm
+    y = torch.baddbmm(add1.expand(n, -1, -1), x, w1.expand(n, -1, -1)).view(n, 4 * l, c1)
+    y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+    y = torch.baddbmm(add2.expand(n, -1, -1), y, w2.expand(n, -1, -1)).view(n, 16 * l, c2)
+    y = decoder.activation(y)
+    m = torch.bmm(y, hyper.transpose(1, 2))  # (N, pixels in sub-pixel order, K)
+    h, w = hw
+    k = hyper.shape[1]
+    m = m.view(n, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)  # → N, K, i, a1, a2, j, b1, b2
+    return m.reshape(n, k, 4 * h, 4 * w)
+
+
+def decode(
+    decoder,
+    image_embed: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    high_res: tuple[torch.Tensor, torch.Tensor],
+    multimask_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-resolution mask logits (N, K, 256, 256) and predicted IoU (N, K) for N prompts of one image.
+
+    ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights); ``image_embed`` (C, 64, 64);
+    ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64);
+    ``high_res``: the stride-4 and stride-8 projected features (C/8, 256, 256), (C/4, 128, 128).
+    K = 3 with ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an
+    unstable single mask).
+    """
+    n = sparse.shape[0]
+    c, hh, ww = image_embed.shape
+    out_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
+    tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse[:, 0]], 1)
+    image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
+    pos = image_pe[0].flatten(1).t()
+    queries, x = _transformer(decoder.transformer, tokens, image, pos)
+
+    mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
+    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    masks = _upscaled_masks(decoder, x, high_res, hyper, (hh, ww))
+    iou = decoder.iou_prediction_head(queries[:, 1])
+    if multimask_output:
+        return masks[:, 1:], iou[:, 1:]
+    if decoder.dynamic_multimask_via_stability:
+        m, s = decoder._dynamic_multimask_via_stability(masks[None], iou[None])
+        return m[0], s[0]
+    return masks[:, :1], iou[:, :1]
