@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from ..formats import detections_to_predictions, predictions_to_detections
 from ..workflows.inputs import decode_image_bytes
 from ..workflows.step import StepParameters, segment_images
@@ -80,7 +82,9 @@ def _detections_for(boxes, stem: str, hw):
     entry = boxes.get(stem)
     if entry is None:
         return predictions_to_detections([], hw)
-    data = json.loads(entry.read_text()) if isinstance(entry, Path) else entry
+    if isinstance(entry, Path):
+        entry = entry.read_text()
+    data = json.loads(entry) if isinstance(entry, str) else entry  # str: JSON text, as Ray rows carry it
     return predictions_to_detections(data, hw)
 
 
@@ -92,6 +96,76 @@ def _segment(engine, names, images, boxes, params, mask_format, automatic_config
     return {n: {"file": n, "image": {"width": im.shape[1], "height": im.shape[0]},
                 "predictions": detections_to_predictions(d, mask_format)}
             for n, im, d in zip(names, images, results)}
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); ``OSError`` or ``ValueError`` when it cannot be read."""
+    return decode_image_bytes(path.read_bytes(), path.name)
+
+
+def error_record(name: str, error: Exception) -> dict:
+    return {"file": name, "error": str(error)}
+
+
+def segment_records(engine, names: list[str], images: list[np.ndarray], boxes, params: StepParameters,
+                    mask_format: str = "rle", automatic_config=None) -> dict[str, dict]:
+    """Records of decoded images (RGB uint8, any sizes), embedded together, keyed by file name.
+
+    ``boxes`` maps a file stem to its detections (a ``Path`` of JSON, JSON text or a parsed record), or is
+    ``None`` for unprompted mode. One image whose boxes are invalid gets an error record and does
+    not lose the others.
+    """
+    try:
+        return _segment(engine, names, images, boxes, params, mask_format, automatic_config)
+    except ValueError:  # redo them one by one, so only the bad one fails
+        records = {}
+        for n, im in zip(names, images):
+            try:
+                records.update(_segment(engine, [n], [im], boxes, params, mask_format, automatic_config))
+            except ValueError as e:
+                records[n] = error_record(n, e)
+        return records
+
+
+def pending(source: str, seen: set[str]) -> tuple[list[Path], BatchSummary]:
+    """The images under ``source`` not yet in ``seen`` (file names), and a summary counting the skipped."""
+    files = list_images(source)
+    todo = [f for f in files if f.name not in seen]
+    return todo, BatchSummary(skipped=len(files) - len(todo))
+
+
+class JsonlSink:
+    """Appends records to a JSONL file, one flushed line each, and counts them into a summary."""
+
+    def __init__(self, out: Path, summary: BatchSummary):
+        self.summary = summary
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # A crash can leave a last line without its newline: start the next record on a line of its own.
+        torn = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
+        self._file = open(out, "a")
+        if torn:
+            self._file.write("\n")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        count(self.summary, record)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def count(summary: BatchSummary, record: dict) -> None:
+    if "error" in record:
+        summary.failed.append(record["file"])
+    else:
+        summary.done += 1
 
 
 def _chunks(files: list[Path], size: int) -> Iterator[list[Path]]:
@@ -106,40 +180,21 @@ def run_batch(engine, source: str, out: Path, boxes_source: str | None = None, m
     from tqdm import tqdm
 
     params = params or StepParameters()
-    files = list_images(source)
+    todo, summary = pending(source, done_files(out))
     boxes = load_boxes(boxes_source)
-    seen = done_files(out)
-    summary = BatchSummary(skipped=sum(f.name in seen for f in files))
-    todo = [f for f in files if f.name not in seen]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A crash can leave a last line without its newline: start the next record on a line of its own.
-    needs_newline = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
-    with open(out, "a") as sink, tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr) as bar:
-        if needs_newline:
-            sink.write("\n")
+    with JsonlSink(out, summary) as sink, tqdm(total=len(todo), unit="img", disable=not progress,
+                                               file=sys.stderr) as bar:
         for chunk in _chunks(todo, batch_size):
             records = {f.name: None for f in chunk}
             images, names = [], []
             for f in chunk:
                 try:
-                    images.append(decode_image_bytes(f.read_bytes(), f.name))
+                    images.append(read_image_file(f))
                     names.append(f.name)
                 except (OSError, ValueError) as e:
-                    records[f.name] = {"file": f.name, "error": str(e)}
-            try:
-                records.update(_segment(engine, names, images, boxes, params, mask_format, automatic_config))
-            except ValueError:  # one image's bad boxes must not lose the others: redo them one by one
-                for n, im in zip(names, images):
-                    try:
-                        records.update(_segment(engine, [n], [im], boxes, params, mask_format, automatic_config))
-                    except ValueError as e:
-                        records[n] = {"file": n, "error": str(e)}
-            for name, record in records.items():
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-                if "error" in record:
-                    summary.failed.append(name)
-                else:
-                    summary.done += 1
+                    records[f.name] = error_record(f.name, e)
+            records.update(segment_records(engine, names, images, boxes, params, mask_format, automatic_config))
+            for record in records.values():
+                sink.write(record)
             bar.update(len(chunk))
     return summary
