@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--single-mask", action="store_true")
     bat.add_argument("--points-per-side", type=int, default=32, help="unprompted mode's point grid")
     _add_model_args(bat)
+    bat.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); "
+                     "--out may then also be a .parquet directory")
+    bat.add_argument("--ray-address", help="with --ray: the cluster to join ('auto': this machine's; "
+                                           "default $RAY_ADDRESS, else a new local cluster)")
+    bat.add_argument("--ray-actors", type=int, help="with --ray: model actors (default one per GPU, else per CPU less one)")
+    bat.add_argument("--ray-gpus-per-actor", type=float, help="with --ray: GPU share per actor (default 1 on GPU clusters)")
+    bat.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs per actor (default 1)")
 
     srv = sub.add_parser("serve", help="run the SAM2 inference server (inference-sdk compatible HTTP API)")
     srv.add_argument("--host", help="default 127.0.0.1 (SAM2FLOW_HOST)")
@@ -297,6 +304,8 @@ def cmd_batch(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if args.ray:
+        return _cmd_batch_ray(args)
     if args.out.suffix != ".jsonl":
         raise ValueError(f"--out {args.out} must end in .jsonl")
     engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
@@ -307,9 +316,35 @@ def cmd_batch(args) -> int:
     config = AutomaticConfig(points_per_side=args.points_per_side)
     summary = run_batch(engine, args.input, args.out, args.boxes, args.format, args.batch_size, params,
                         automatic_config=config)
+    return _batch_summary(summary)
+
+
+def _batch_summary(summary) -> int:
     print(f"sam2flow batch: {summary.line()}" + (f"; unreadable: {', '.join(summary.failed)}" if summary.failed else ""),
           file=sys.stderr)
     return 0
+
+
+def _cmd_batch_ray(args) -> int:
+    from .engine.automatic import AutomaticConfig
+    from .scale.ray_common import require_ray
+    from .workflows.step import StepParameters
+
+    require_ray()  # before any work: without Ray this is the one line the user sees
+    from .scale.ray_batch import run_ray_batch
+
+    if args.out.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--out {args.out} must end in .jsonl or .parquet")
+    checkpoint = args.checkpoint
+    if checkpoint and Path(checkpoint).exists():  # the actors' working directory is not ours
+        checkpoint = str(Path(checkpoint).resolve())
+    engine_args = {"version": args.version, "family": args.family, "checkpoint": checkpoint,
+                   "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+    summary = run_ray_batch(args.input, args.out, engine_args, args.boxes, args.format, args.batch_size,
+                            StepParameters(args.version, args.threshold, not args.single_mask),
+                            AutomaticConfig(points_per_side=args.points_per_side), args.ray_address,
+                            args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus_per_actor)
+    return _batch_summary(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
