@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--checkpoint", help="weights for the first preloaded version (SAM2FLOW_CHECKPOINT)")
     srv.add_argument("--max-batch-size", type=int, help="images embedded together (SAM2FLOW_MAX_BATCH_SIZE)")
     srv.add_argument("--max-wait-ms", type=float, help="batching wait (SAM2FLOW_MAX_WAIT_MS)")
+    srv.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'sam2flow[ray]')")
+    srv.add_argument("--ray-address", help="with --ray: the cluster to join ('auto': this machine's; "
+                                           "default $RAY_ADDRESS, else a new local cluster)")
+    srv.add_argument("--replicas", type=int, help="with --ray: model replicas (default 1; the initial "
+                                                  "number when autoscaling)")
+    srv.add_argument("--min-replicas", type=int, help="with --ray: autoscale from this many replicas")
+    srv.add_argument("--max-replicas", type=int, help="with --ray: autoscale up to this many replicas")
+    srv.add_argument("--num-gpus-per-replica", type=float,
+                     help="with --ray: GPU share per replica (0.5: two per GPU; default 1 if the cluster has GPUs)")
+    srv.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs per replica")
     fix = sub.add_parser("fixture", help="write the offline fixture model (hiera_tiny trained on synthetic shapes)")
     dest = fix.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", type=Path, metavar="FILE.pt", help="an original-layout checkpoint (Meta's format)")
@@ -154,7 +164,23 @@ def cmd_serve(args) -> int:
     overrides = {k: v for k, v in vars(args).items()
                  if k in ServerSettings.model_fields and v is not None}
     settings = ServerSettings(**overrides)
+    if args.ray:
+        return _cmd_serve_ray(args, settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def _cmd_serve_ray(args, settings) -> int:
+    from .scale.ray_common import require_ray
+
+    require_ray()  # before any work: without Ray this is the one line the user sees
+    from .scale.ray_serve import serve_forever
+
+    if settings.checkpoint and Path(settings.checkpoint).exists():  # the replicas' working directory is not ours
+        settings.checkpoint = str(Path(settings.checkpoint).resolve())
+    serve_forever(settings, args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
+                  max_replicas=args.max_replicas, num_gpus_per_replica=args.num_gpus_per_replica,
+                  num_cpus_per_replica=args.num_cpus_per_replica)
     return 0
 
 
