@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sam2flow.engine import precision
+
 MATMUL_N = 2048
 
 
@@ -32,13 +34,12 @@ def _cpuinfo() -> list[dict[str, str]]:
 
 
 def cpu_flags() -> set[str]:
-    info = _cpuinfo()
-    return set(info[0].get("flags", "").split()) if info else set()
+    return set(precision.cpu_flags())
 
 
 def native_bf16_cpu() -> bool:
     """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return precision.native_bf16(torch.device("cpu"))
 
 
 def physical_cores() -> int | None:
@@ -129,10 +130,7 @@ def facts(devices: list[str]) -> dict:
     return out
 
 
-def bf16_native(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return native_bf16_cpu()
+bf16_native = precision.native_bf16
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5) -> float:

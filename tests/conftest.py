@@ -65,7 +65,7 @@ def tiny_checkpoint(make_checkpoint):
 def tiny_engine(tiny_checkpoint):
     from sam2flow import Sam2Engine
 
-    return Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu")
+    return Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -103,7 +103,7 @@ def start_server(checkpoint, log):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
-             "--checkpoint", str(checkpoint), "--device", "cpu", "--max-wait-ms", "60"],
+             "--checkpoint", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--max-wait-ms", "60"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"

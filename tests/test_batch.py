@@ -46,7 +46,7 @@ def test_cli_segments_good_images_and_reports_the_bad_one(folder, tiny_checkpoin
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "sam2flow", "batch", str(images), "--boxes", str(boxes), "--out", str(out),
-         "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2"],
+         "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32", "--batch-size", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

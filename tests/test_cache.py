@@ -157,7 +157,8 @@ def make_engine(tiny_engine, monkeypatch):
     """
 
     def make(**cache_kwargs):
-        engine = Sam2Engine(tiny_engine.model, tiny_engine.spec, device="cpu", cache=EmbeddingCache(**cache_kwargs))
+        engine = Sam2Engine(tiny_engine.model, tiny_engine.spec, device="cpu", dtype="float32",
+                        cache=EmbeddingCache(**cache_kwargs))
         engine.encoded = []
         real = engine._embed_batch
 
@@ -299,7 +300,7 @@ def test_engines_with_different_weights_share_a_cache_safely(tiny_engine):
     tuned = copy.deepcopy(tiny_engine.model)
     with torch.no_grad():
         tuned.vision_encoder.neck.convs[0].weight.mul_(1.5)
-    other = Sam2Engine(tuned, tiny_engine.spec, device="cpu", cache=tiny_engine.cache)
+    other = Sam2Engine(tuned, tiny_engine.spec, device="cpu", dtype="float32", cache=tiny_engine.cache)
     image = random_image(96, 128, seed=21)
     a = tiny_engine.embed([image])[0]
     b = other.embed([image])[0]

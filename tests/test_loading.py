@@ -264,7 +264,7 @@ def hf_dir(tiny_checkpoint, tmp_path_factory):
 
 
 def test_hf_directory_equals_original(hf_dir, tiny_engine):
-    engine = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(hf_dir), device="cpu")
+    engine = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(hf_dir), device="cpu", dtype="float32")
     _same_weights(engine.model, tiny_engine.model)
     a = engine.predict(engine.embed([IMAGE])[0], boxes=BOXES, points=POINTS, point_labels=LABELS)
     b = tiny_engine.predict(tiny_engine.embed([IMAGE])[0], boxes=BOXES, points=POINTS, point_labels=LABELS)

@@ -39,7 +39,7 @@ def make_pair(make_checkpoint, version, family):
 
     spec = get_spec(version, family)
     path = make_checkpoint(version, family)
-    engine = Sam2Engine.from_pretrained(version, family, checkpoint=str(path), device="cpu")
+    engine = Sam2Engine.from_pretrained(version, family, checkpoint=str(path), device="cpu", dtype="float32")
     return engine, SAM2ImagePredictor(build_reference(spec))
 
 
@@ -121,9 +121,9 @@ def test_fused_decoder_equals_transformers_decoder(tiny_checkpoint, multimask):
     from sam2flow.engine.engine import DECODE_CHUNK
     from sam2flow.engine.prompts import PromptArrays
 
-    fused = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu")
+    fused = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
     plain = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu",
-                                       fused_decoder=False)
+                                       dtype="float32", fused_decoder=False)
     image = random_image(300, 500, seed=5)
     emb = fused.embed([image])[0]
     rng = np.random.default_rng(1)

@@ -38,3 +38,30 @@ def test_cache_keeps_precisions_apart(tiny_checkpoint, tiny_engine):
 def test_unknown_dtype_is_rejected(tiny_checkpoint, dtype):
     with pytest.raises(ValueError, match="dtype"):
         Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype=dtype)
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    """auto: bfloat16 only where the CPU computes it natively (emulated bf16 is ~100x slower)."""
+    import torch
+
+    from sam2flow.engine import precision
+
+    cpu = torch.device("cpu")
+    for flags, want in [({"avx2", "avx512f"}, torch.float32), ({"avx512_bf16"}, torch.bfloat16),
+                        ({"amx_bf16", "amx_tile"}, torch.bfloat16)]:
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert precision.resolve_dtype("auto", cpu) == want
+    assert precision.resolve_dtype("fp32", cpu) == torch.float32
+    assert precision.resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    assert precision.resolve_dtype("auto", torch.device("mps")) == torch.float32
+
+
+def test_engine_default_is_auto(tiny_checkpoint):
+    import torch
+
+    from sam2flow.engine.precision import native_bf16
+
+    engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu")
+    assert engine.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
+    assert next(engine.model.vision_encoder.parameters()).dtype == engine.dtype
+    assert next(engine.model.mask_decoder.parameters()).dtype == torch.float32

@@ -225,7 +225,7 @@ def test_fixture_model_segments_a_scene_end_to_end():
     from sam2flow import Sam2Engine
 
     model, spec = fixture.fixture_model(trained=_trained())
-    engine = Sam2Engine(model, spec, device="cpu")
+    engine = Sam2Engine(model, spec, device="cpu", dtype="float32")
     s = make_scene(1, size=(256, 320))
     pred = engine.segment(s.image, boxes=s.boxes)
     assert pred.masks.shape == (len(s), 256, 320)

@@ -206,7 +206,8 @@ def test_cli_runs_a_two_image_workflow(tiny_checkpoint, tmp_path):
         [sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"),
          "--input", f"image={paths[0]}", "--input", f"image={paths[1]}",
          "--input", f"detections=@{tmp_path / 'd0.json'}", "--input", f"detections=@{tmp_path / 'd1.json'}",
-         "--input", "threshold=0.0", "--checkpoint", str(tiny_checkpoint), "--format", "rle", "--out", str(out)],
+         "--input", "threshold=0.0", "--checkpoint", str(tiny_checkpoint), "--dtype", "float32", "--format", "rle",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

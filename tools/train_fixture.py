@@ -67,11 +67,11 @@ def log(msg: str) -> None:
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    import torch
+
+    from sam2flow.engine.precision import native_bf16
+
+    return native_bf16(torch.device("cpu"))
 
 
 # ---- feature cache ------------------------------------------------------------------------------

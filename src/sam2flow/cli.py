@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine.precision import DTYPE_CHOICES
 from .models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
 
 
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", action="append", default=[], metavar="[VERSION=]PATH",
                      help="weights for a version (default hiera_tiny when no VERSION= is given); repeatable")
     run.add_argument("--device", default="auto")
-    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    run.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                     help="image encoder precision; auto: bfloat16 where the hardware has it (default)")
     run.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     run.add_argument("--remote", metavar="URL", help="send the step's work to this sam2flow server "
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="default 127.0.0.1 (SAM2FLOW_HOST)")
     srv.add_argument("--port", type=int, help="default 9001 (SAM2FLOW_PORT)")
     srv.add_argument("--device", help="auto, cpu, cuda, mps (SAM2FLOW_DEVICE)")
-    srv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="encoder precision (SAM2FLOW_DTYPE)")
+    srv.add_argument("--dtype", choices=DTYPE_CHOICES, help="encoder precision, default auto (SAM2FLOW_DTYPE)")
     srv.add_argument("--family", choices=FAMILIES, help="sam2.1 or sam2 (SAM2FLOW_FAMILY)")
     srv.add_argument("--preload", action="append", choices=VERSIONS,
                      help="load this version at start-up; repeatable (SAM2FLOW_PRELOAD=a,b)")
@@ -189,8 +191,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
     p.add_argument("--checkpoint", help="an original .pt, a Hugging Face directory or repository id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="image encoder precision")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
+                        "float32 gives the reference's numbers exactly")
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -16,6 +16,7 @@ from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .decoder import decode
 from .fast import streamline_encoder
+from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 
 LOW_RES = 256  # side of the decoder's mask logits
@@ -53,31 +54,6 @@ class Prediction:
         return len(self.scores)
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → cuda, then mps, then cpu."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 def weights_fingerprint(model) -> str:
     """A short hash of a few weights from each part of the network (cheap; tells checkpoints apart)."""
     tensors = [
@@ -96,8 +72,10 @@ def weights_fingerprint(model) -> str:
 class Sam2Engine:
     """SAM2 on images: ``embed`` images in batches, then ``predict`` any number of prompts per image.
 
-    ``dtype`` applies to the image encoder (the expensive part); the prompt decoder runs in
-    float32 so masks and scores keep full precision. Embeddings are cached by image content in
+    ``dtype`` applies to the image encoder (the expensive part): ``"auto"`` is bfloat16 where the
+    hardware has it natively, else float16 on CUDA, else float32 (``sam2flow.engine.precision``);
+    ``"float32"`` gives the reference's numbers exactly. The prompt decoder runs in float32 so masks
+    and scores keep full precision. Embeddings are cached by image content in
     ``cache`` (shared by every caller; pass one cache to several engines to share it).
     ``fused_decoder`` (default) decodes with ``sam2flow.engine.decoder``, which does the image-sized
     work once per image instead of once per prompt (equal within float32 rounding); False runs
@@ -109,7 +87,7 @@ class Sam2Engine:
         model,
         spec: ModelSpec,
         device: str | torch.device = "auto",
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "auto",
         max_batch_size: int = 4,
         cache: EmbeddingCache | None = None,
         fused_decoder: bool = True,
@@ -118,7 +96,7 @@ class Sam2Engine:
             raise ValueError("max_batch_size must be >= 1")
         self.spec = spec
         self.device = pick_device(device)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()

@@ -25,7 +25,7 @@ class EnginePool:
         self,
         family: str = DEFAULT_FAMILY,
         device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         checkpoints: Mapping[str, str] | None = None,
         max_resident: int = 2,
         max_batch_size: int = 4,
