@@ -23,6 +23,7 @@ from . import data
 from .timing import Measured, measure
 
 OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
+OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
 IOU_GUARD = 0.97
 
 
@@ -81,6 +82,7 @@ class Context:
     log: Callable[[str], None]
     threads: int
     extra: dict = field(default_factory=dict)
+    ours_compiled: Any | None = None  # --compile: an engine built with compile=True
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
         """The reference called as its README shows: under ``torch.inference_mode()``, and on a GPU's
@@ -126,6 +128,10 @@ def rows(ctx: Context, config: str, m: Measured, unit: str, convert, higher_is_b
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
     if OURS_BF16 in m.samples:
         out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_BF16, warmup, **(bf16_extra or {})))
+    if OURS_COMPILED in m.samples:
+        out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_COMPILED, warmup, **extra,
+                         compile_seconds=ctx.ours_compiled.compile_seconds,
+                         compiled_dtype=str(ctx.ours_compiled.dtype).replace("torch.", "")))
     return out
 
 
@@ -179,6 +185,8 @@ def case_embed(ctx: Context) -> list[dict]:
             ref_set,
             (lambda b=batch_images: ctx.ours_bf16.embed(b, use_cache=False)) if ctx.ours_bf16 is not None else None,
         )
+        if ctx.ours_compiled is not None:
+            fns[OURS_COMPILED] = lambda b=batch_images: ctx.ours_compiled.embed(b, use_cache=False)
         warmup, repeats = (s.embed_warmup, s.embed_repeats) if batch == 1 else (s.embed_b4_warmup, s.embed_b4_repeats)
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)

@@ -61,13 +61,13 @@ def make_checkpoint(version: str, family: str, directory: Path) -> Checkpoint:
 # ---- models ---------------------------------------------------------------------------------
 
 
-def load_ours(ckpt: Checkpoint, device: str, dtype: str = "float32", max_batch_size: int = 4):
+def load_ours(ckpt: Checkpoint, device: str, dtype: str = "float32", max_batch_size: int = 4, compile: bool = False):
     """Our engine with its embedding cache off, so every repeat does the full work."""
     from sam2flow import EmbeddingCache, Sam2Engine
 
     return Sam2Engine.from_pretrained(
         ckpt.version, ckpt.family, checkpoint=str(ckpt.path), device=device, dtype=dtype,
-        max_batch_size=max_batch_size, cache=EmbeddingCache(max_entries=0),
+        max_batch_size=max_batch_size, cache=EmbeddingCache(max_entries=0), compile=compile,
     )
 
 

@@ -102,6 +102,8 @@ def machine_lines(machine: dict) -> list[str]:
 
 def fast_path_lines(machine: dict) -> list[str]:
     lines = []
+    for key, note in machine.get("compile", {}).items():
+        lines.append(f"- torch.compile of the image encoder, {key}: {note}")
     for key, note in machine.get("bf16", {}).items():
         lines.append(f"- bf16 image encoder, {key}: {note}")
     for key, verdict in machine.get("bf16_verdicts", {}).items():

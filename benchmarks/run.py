@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="chart path (default benchmarks/chart.png; next to --markdown when that is elsewhere)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's choice)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 encoder rows")
+    p.add_argument("--compile", action="store_true",
+                   help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)")
     p.add_argument("--warmup", type=int, help="override every case's warm-up count")
     p.add_argument("--repeats", type=int, help="override every case's repeat count")
     p.add_argument("--step-images", type=int, help="images per step run (quick 2, full 8)")
@@ -187,16 +189,24 @@ def main(argv=None) -> int:
                     if any(c in ("embed", "step") for c in timed):
                         bf16, bf16_note = bf16_engine(args, ckpt, device, ours, f"{d} {size}", machine)
                         log(f"{size} on {d}: bf16 encoder {bf16_note}")
+                    compiled = None
+                    if args.compile and "embed" in timed:
+                        log(f"{size} on {d}: compiling our encoder (torch.compile, dtype auto)")
+                        compiled = data.load_ours(ckpt, d, dtype="auto", compile=True)
+                        machine.setdefault("compile", {})[f"{d} {size}"] = (
+                            f"{compiled.compile_seconds:.0f} s to compile and warm up at batch 1 "
+                            f"({str(compiled.dtype).replace('torch.', '')}); batch 4 compiles once more on first use")
+                        log(f"{size} on {d}: {machine['compile'][f'{d} {size}']}")
                     ctx = cases.Context(size, device, ckpt, ours, bf16, bf16_note, ref_model, predictor, settings,
-                                        synchronizer(device),
-                                        log, torch.get_num_threads())
+                                        synchronizer(device), log, torch.get_num_threads(), ours_compiled=compiled)
                     for case in timed:
                         for e in getattr(cases, f"case_{case}")(ctx):
-                            key = f"{d} {size} {e['config']}" + (" bf16" if e["variant"] != cases.OURS else "")
+                            suffix = {cases.OURS_BF16: " bf16", cases.OURS_COMPILED: " compiled"}.get(e["variant"], "")
+                            key = f"{d} {size} {e['config']}{suffix}"
                             results[case][key] = e
                             log(f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
                                 f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x")
-                    del ctx, ours, ref_model, predictor, bf16
+                    del ctx, ours, ref_model, predictor, bf16, compiled
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

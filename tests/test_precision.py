@@ -65,3 +65,17 @@ def test_engine_default_is_auto(tiny_checkpoint):
     assert engine.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
     assert next(engine.model.vision_encoder.parameters()).dtype == engine.dtype
     assert next(engine.model.mask_decoder.parameters()).dtype == torch.float32
+
+
+def test_compiled_encoder_gives_the_same_masks(tiny_checkpoint, tiny_engine):
+    """torch.compile (opt-in) is a fast path too: same masks as the plain float32 engine."""
+    compiled = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32",
+                                          compile=True)
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    image = random_image(480, 640, seed=6)
+    boxes = np.array([[0, 0, 64, 48], [100, 100, 500, 380], [300, 20, 620, 200]], np.float32)
+    want = tiny_engine.predict(tiny_engine.embed([image], use_cache=False)[0], boxes=boxes)
+    got = compiled.predict(compiled.embed([image], use_cache=False)[0], boxes=boxes)
+    for a, b in zip(got.masks, want.masks):
+        assert mask_iou(a, b) >= 0.99
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-3)

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="default 9001 (SAM2FLOW_PORT)")
     srv.add_argument("--device", help="auto, cpu, cuda, mps (SAM2FLOW_DEVICE)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES, help="encoder precision, default auto (SAM2FLOW_DTYPE)")
+    srv.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile the image encoder at load (SAM2FLOW_COMPILE)")
     srv.add_argument("--family", choices=FAMILIES, help="sam2.1 or sam2 (SAM2FLOW_FAMILY)")
     srv.add_argument("--preload", action="append", choices=VERSIONS,
                      help="load this version at start-up; repeatable (SAM2FLOW_PRELOAD=a,b)")
@@ -194,6 +196,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
                         "float32 gives the reference's numbers exactly")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -254,7 +257,7 @@ def cmd_segment(args) -> int:
     h, w = image.shape[:2]
     prompts, class_ids, class_names, parents = _prompts(args, (h, w))
     engine = Sam2Engine.from_pretrained(
-        args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype
+        args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile
     )
     result = engine.predict_prompts(engine.embed([image])[0], prompts, multimask_output=not args.single_mask)
     has_parents = any(p is not None for p in parents)
@@ -338,7 +341,7 @@ def cmd_batch(args) -> int:
     if args.out.suffix != ".jsonl":
         raise ValueError(f"--out {args.out} must end in .jsonl")
     engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
-                                        dtype=args.dtype, max_batch_size=args.batch_size)
+                                        dtype=args.dtype, max_batch_size=args.batch_size, compile=args.compile)
     params = StepParameters(args.version, args.threshold, not args.single_mask)
     from .engine.automatic import AutomaticConfig
 

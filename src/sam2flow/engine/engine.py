@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,7 +80,9 @@ class Sam2Engine:
     ``cache`` (shared by every caller; pass one cache to several engines to share it).
     ``fused_decoder`` (default) decodes with ``sam2flow.engine.decoder``, which does the image-sized
     work once per image instead of once per prompt (equal within float32 rounding); False runs
-    transformers' decoder as is (bit-identical to the reference package).
+    transformers' decoder as is (bit-identical to the reference package). ``compile=True``
+    compiles the image encoder with ``torch.compile`` at construction (minutes on a CPU; the time
+    is kept in ``compile_seconds``); it pays off for long-running servers and batch jobs.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Sam2Engine:
         max_batch_size: int = 4,
         cache: EmbeddingCache | None = None,
         fused_decoder: bool = True,
+        compile: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -104,6 +108,10 @@ class Sam2Engine:
         self.model.vision_encoder.to(self.dtype)
         streamline_encoder(self.model)
         self.input_size = int(model.config.prompt_encoder_config.image_size)
+        self._encoder = self.model.vision_encoder
+        self.compile_seconds: float | None = None
+        if compile:
+            self._compile_encoder()
         with torch.inference_mode():
             self._image_pe = self.model.get_image_wide_positional_embeddings()
         # Cache keys name the weights, not only the size: engines with different checkpoints
@@ -111,6 +119,16 @@ class Sam2Engine:
         self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{weights_fingerprint(self.model)}"
         # One forward at a time per engine: torch already uses every core for one batch.
         self._lock = threading.Lock()
+
+    def _compile_encoder(self) -> None:
+        """``torch.compile`` the image encoder and warm it up on one blank image (timed in
+        ``compile_seconds``); each new batch size compiles once more on first use."""
+        start = time.perf_counter()
+        self._encoder = torch.compile(self.model.vision_encoder, dynamic=False)
+        blank = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            self._encoder(blank)
+        self.compile_seconds = time.perf_counter() - start
 
     @classmethod
     def from_pretrained(
@@ -154,7 +172,7 @@ class Sam2Engine:
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
         with self._lock, torch.inference_mode():
             pixels = T.preprocess(images, self.input_size, self.device, self.dtype)
-            fpn = self.model.vision_encoder(pixels).fpn_hidden_states  # high → low resolution
+            fpn = self._encoder(pixels).fpn_hidden_states  # high → low resolution
             decoder = self.model.mask_decoder
             s0 = decoder.conv_s0(fpn[0].float())
             s1 = decoder.conv_s1(fpn[1].float())

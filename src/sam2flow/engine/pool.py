@@ -30,6 +30,7 @@ class EnginePool:
         max_resident: int = 2,
         max_batch_size: int = 4,
         cache: EmbeddingCache | None = None,
+        compile: bool = False,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be >= 1")
@@ -39,6 +40,7 @@ class EnginePool:
         self.family, self.device, self.dtype = family, device, dtype
         self.checkpoints = dict(checkpoints or {})
         self.max_resident, self.max_batch_size = max_resident, max_batch_size
+        self.compile = compile
         self.cache = cache if cache is not None else EmbeddingCache()
         self._engines: OrderedDict[str, Sam2Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -65,7 +67,7 @@ class EnginePool:
                     return self._engines[version]
             engine = Sam2Engine.from_pretrained(
                 version, self.family, self.checkpoints.get(version), device=self.device, dtype=self.dtype,
-                max_batch_size=self.max_batch_size, cache=self.cache,
+                max_batch_size=self.max_batch_size, cache=self.cache, compile=self.compile,
             )
             with self._lock:
                 self._engines[version] = engine

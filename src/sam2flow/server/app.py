@@ -50,7 +50,7 @@ class ServerState:
             checkpoints[(settings.preload or ["hiera_tiny"])[0]] = settings.checkpoint
         cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
         self.pool = EnginePool(settings.family, settings.device, settings.dtype, checkpoints,
-                               settings.max_resident_models, settings.max_batch_size, cache)
+                               settings.max_resident_models, settings.max_batch_size, cache, settings.compile)
         self.metrics = ServerMetrics(cache)
         self.batcher = EmbedBatcher(settings.max_batch_size, settings.max_wait_ms / 1000,
                                     self.metrics.batch_size.observe)

@@ -16,6 +16,7 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 9001
     device: str = "auto"
+    compile: bool = False  # torch.compile the image encoder at load (slow start, faster embeds)
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32 (float16 on CUDA)
     family: str = "sam2.1"
     preload: list[str] = []  # versions loaded at start-up; /readyz waits for them
