@@ -371,7 +371,8 @@ def _cmd_batch_ray(args) -> int:
     if checkpoint and Path(checkpoint).exists():  # the actors' working directory is not ours
         checkpoint = str(Path(checkpoint).resolve())
     engine_args = {"version": args.version, "family": args.family, "checkpoint": checkpoint,
-                   "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+                   "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size,
+                   "compile": args.compile}
     summary = run_ray_batch(args.input, args.out, engine_args, args.boxes, args.format, args.batch_size,
                             StepParameters(args.version, args.threshold, not args.single_mask),
                             AutomaticConfig(points_per_side=args.points_per_side), args.ray_address,
