@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from ..formats import predictions_to_detections
 
 class ImageTooLarge(ValueError):
     """An image over the pixel limit (a decompression bomb, or just too big to serve)."""
+
+
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -> np.ndarray:
@@ -35,8 +39,11 @@ def decode_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -
             return np.asarray(im.convert("RGB")).copy()
     except ImageTooLarge:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{where}: not a readable image ({e})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{where}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # Pillow's messages may name an object by address: keep errors the same run to run
+        raise ValueError(f"{where}: not a readable image ({_OBJECT_ADDRESS.sub('data', str(e))})") from None
 
 
 def decode_base64_image(text: str, where: str, max_pixels: int | None = None) -> np.ndarray:
