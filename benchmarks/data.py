@@ -31,11 +31,15 @@ def make_checkpoint(version: str, family: str, directory: Path) -> Checkpoint:
     """
     spec = get_spec(version, family)
     directory.mkdir(parents=True, exist_ok=True)
-    fixture_path = directory / f"fixture_{spec.checkpoint_name}"
     random_path = directory / f"random{RANDOM_SEED}_{spec.checkpoint_name}"
     if version == "hiera_tiny":
-        from sam2flow.testing.fixture import FixtureError, write_checkpoint
+        import hashlib
 
+        from sam2flow.testing.fixture import WEIGHTS_FILE, FixtureError, write_checkpoint
+
+        # named after the trained weights, so a retrained fixture never meets a stale file
+        tag = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()[:10] if WEIGHTS_FILE.is_file() else "none"
+        fixture_path = directory / f"fixture-{tag}_{spec.checkpoint_name}"
         if fixture_path.exists():
             return Checkpoint(version, family, fixture_path, "fixture (trained prompt encoder + mask decoder)")
         try:

@@ -78,6 +78,18 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(big.numpy() + noise, 0, 255).astype(np.uint8)
 
 
+def write_mixed_images(d) -> None:
+    """A folder of what batch jobs meet: RGB, grayscale and RGBA PNGs, and a corrupt file."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(random_image(100, 140, seed=1)).save(d / "a_rgb.png")
+    Image.fromarray(random_image(100, 140, seed=2)[:, :, 0]).save(d / "b_gray.png")
+    rgba = np.dstack([random_image(90, 120, seed=3), np.full((90, 120), 200, np.uint8)])
+    Image.fromarray(rgba).save(d / "c_rgba.png")
+    (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     union = (a | b).sum()

@@ -15,7 +15,7 @@ from sam2flow.formats import rle_to_mask
 from sam2flow.scale.batch import run_batch
 from sam2flow.workflows.step import StepParameters
 
-from conftest import random_image
+from conftest import random_image, write_mixed_images
 
 BOX = {"x": 60, "y": 50, "width": 80, "height": 60, "class": "thing", "class_id": 1, "detection_id": "t1"}
 
@@ -23,12 +23,7 @@ BOX = {"x": 60, "y": 50, "width": 80, "height": 60, "class": "thing", "class_id"
 @pytest.fixture()
 def folder(tmp_path):
     d = tmp_path / "images"
-    d.mkdir()
-    Image.fromarray(random_image(100, 140, seed=1)).save(d / "a_rgb.png")
-    Image.fromarray(random_image(100, 140, seed=2)[:, :, 0]).save(d / "b_gray.png")
-    rgba = np.dstack([random_image(90, 120, seed=3), np.full((90, 120), 200, np.uint8)])
-    Image.fromarray(rgba).save(d / "c_rgba.png")
-    (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    write_mixed_images(d)
     Image.fromarray(random_image(80, 100, seed=5)).save(d / "e_rgb.jpg", quality=95)
     boxes = tmp_path / "boxes"
     boxes.mkdir()

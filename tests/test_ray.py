@@ -28,7 +28,7 @@ from sam2flow.cli import main
 from sam2flow.formats import rle_to_mask
 from sam2flow.scale.batch import run_batch
 
-from conftest import SERVER_API_KEY, free_port, random_image
+from conftest import SERVER_API_KEY, free_port, random_image, write_mixed_images
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (sam2flow[ray])")
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +99,7 @@ def cluster():
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-batch")
     d = root / "images"
-    d.mkdir()
-    Image.fromarray(random_image(100, 140, seed=1)).save(d / "a_rgb.png")
-    Image.fromarray(random_image(100, 140, seed=2)[:, :, 0]).save(d / "b_gray.png")
-    rgba = np.dstack([random_image(90, 120, seed=3), np.full((90, 120), 200, np.uint8)])
-    Image.fromarray(rgba).save(d / "c_rgba.png")
-    (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    write_mixed_images(d)
     boxes = root / "boxes"
     boxes.mkdir()
     for stem in ("a_rgb", "b_gray", "c_rgba"):
