@@ -308,7 +308,10 @@ def run_dir(args) -> Path:
 
 def _config(args) -> dict:
     keys = ("scenes", "steps", "scenes_per_step", "lr", "weight_decay", "pct_start", "train_seed", "encoder_seed")
-    return {**{k: getattr(args, k) for k in keys}, "size": list(args.size)}
+    config = {**{k: getattr(args, k) for k in keys}, "size": list(args.size)}
+    if args.init_from:  # absent otherwise, so older runs' checkpoints still match
+        config["init_from"] = str(Path(args.init_from).resolve())
+    return config
 
 
 def save_checkpoint(path: Path, decoder, opt, sched, step: int, rng: np.random.Generator, args, extra: dict) -> None:
@@ -439,6 +442,13 @@ def train(args) -> None:
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         last_val = json.loads(ck["extra"])
         log(f"resumed {last} at step {step} of {args.steps}")
+    elif args.init_from:
+        from sam2flow.testing import fixture
+
+        missing, unexpected = decoder.load_state_dict(fixture.load_trained(args.init_from), strict=False)
+        if unexpected or any(not k.startswith("sam_mask_decoder.conv_s") for k in missing):
+            raise SystemExit(f"--init-from {args.init_from}: keys do not fit ({missing[:3]}, {unexpected[:3]})")
+        log(f"starting from {args.init_from} (a new schedule): {args.scenes} scenes, {args.steps} steps planned")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
     log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {cpu_has_bf16()})")
@@ -646,6 +656,8 @@ def main(argv=None) -> None:
     p.add_argument("--val-every", type=int, default=500, help="quick held-out validation (0: never)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint of this run")
+    p.add_argument("--init-from", metavar="WEIGHTS.safetensors",
+                   help="start a new run from exported weights (e.g. the committed fixture) instead of scratch")
     p.add_argument("--featurize-only", action="store_true")
     p.add_argument("--eval", action="store_true", help="print the quality numbers and exit")
     p.add_argument("--export", action="store_true", help="write the trained weights (float16) and exit")
