@@ -95,13 +95,23 @@ def _image_to_tokens(attn, x, pos, k, v, q_img=None) -> torch.Tensor:
     return torch.baddbmm(x.expand(n, -1, -1), p.reshape(n, h * t, -1).transpose(1, 2), u.reshape(n, h * t, c))
 
 
-def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor):
+def _first_layer_image_side(layer, image: torch.Tensor, pos: torch.Tensor):
+    """The first block's projections of one image shared by all prompts, (heads, L, d) each:
+    keys and values of the tokens→image attention, queries of the image→tokens attention."""
+    xp = image + pos
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    h = t2i.num_attention_heads
+    return _heads(t2i.k_proj(xp), h), _heads(t2i.v_proj(image), h), _heads(i2t.q_proj(xp), i2t.num_attention_heads)
+
+
+def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, first=None):
     """The two-way transformer: tokens (N, T, C), image (N or 1, L, C), positions (L, C).
 
+    ``first``: ``_first_layer_image_side`` of a shared image (1, L, C), made once per image.
     Returns (tokens (N, T, C), image tokens (N, L, C)).
     """
     queries, x = tokens, image
-    shared = x.shape[0] == 1
+    shared = first is not None
     for layer in tr.layers:
         if layer.skip_first_layer_pe:
             queries = _self_attention(layer.self_attn, queries, queries, queries)
@@ -111,12 +121,9 @@ def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tenso
         queries = _ln(layer.layer_norm1, queries)
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         q_img = None
-        if shared:  # one image for every prompt: project its tokens once
-            xp = x[0] + pos
-            h = t2i.num_attention_heads
-            k_img, v_img = _heads(t2i.k_proj(xp), h), _heads(t2i.v_proj(x[0]), h)
+        if shared:  # one image for every prompt: its tokens are projected already
+            k_img, v_img, q_img = first
             queries = queries + _tokens_to_shared_image(t2i, queries + tokens, k_img, v_img)
-            q_img = _heads(i2t.q_proj(xp), i2t.num_attention_heads)
         else:
             queries = queries + _tokens_to_image(t2i, queries + tokens, x, pos)
         queries = _ln(layer.layer_norm2, queries)
@@ -140,22 +147,30 @@ def _sub_pixels(feat: torch.Tensor, levels: int) -> torch.Tensor:
     return f.permute(order).reshape(-1, c)
 
 
-def _upscaled_masks(decoder, x: torch.Tensor, high_res, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def _upscale_operands(decoder, high_res, c: int, l: int):
+    """Per image: both transposed convolutions as (in, a·b·out) matrices, and what each adds
+    (the high-resolution features plus the bias) in sub-pixel row order."""
+    s0, s1 = high_res
+    conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * c1)
+    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * c2)
+    return w1, add1, w2, add2
+
+
+def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """The upscaling path and the hypernetwork product: (N, L, C) image tokens → (N, K, 4H, 4W) logits.
 
     A stride-2, 2 × 2 transposed convolution maps each input pixel to its own 2 × 2 block, so it
     is one matmul per level in a "source pixel, then sub-pixel" order with channels last (the
     layer norm then runs over contiguous channels); pixels return to raster order only for the K
-    masks at the end. ``hyper`` (N, K, C/8).
+    masks at the end. ``hyper`` (N, K, C/8); ``operands`` from ``_upscale_operands``.
     """
-    n, l, c = x.shape
-    s0, s1 = high_res
-    conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
-    c1, c2 = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # (C, a·b·C1)
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * c1)
-    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * c2)
+    n, l, _ = x.shape
+    w1, add1, w2, add2 = operands
+    c1, c2 = w2.shape[0], w2.shape[1] // 4
     norm = decoder.upscale_layer_norm
     y = torch.baddbmm(add1.expand(n, -1, -1), x, w1.expand(n, -1, -1)).view(n, 4 * l, c1)
     y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
@@ -176,27 +191,34 @@ def decode(
     dense: torch.Tensor,
     high_res: tuple[torch.Tensor, torch.Tensor],
     multimask_output: bool,
+    chunk: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (N, K, 256, 256) and predicted IoU (N, K) for N prompts of one image.
 
     ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights); ``image_embed`` (C, 64, 64);
-    ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64);
-    ``high_res``: the stride-4 and stride-8 projected features (C/8, 256, 256), (C/4, 128, 128).
-    K = 3 with ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an
-    unstable single mask).
+    ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64)
+    (1: the same for every prompt, so the image side is shared); ``high_res``: the stride-4 and
+    stride-8 projected features (C/8, 256, 256), (C/4, 128, 128). K = 3 with
+    ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable single
+    mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256) tensors
+    in cache; the per-image work is done once for all chunks.
     """
-    n = sparse.shape[0]
     c, hh, ww = image_embed.shape
-    out_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
-    tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse[:, 0]], 1)
     image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
     pos = image_pe[0].flatten(1).t()
-    queries, x = _transformer(decoder.transformer, tokens, image, pos)
-
-    mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
-    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-    masks = _upscaled_masks(decoder, x, high_res, hyper, (hh, ww))
-    iou = decoder.iou_prediction_head(queries[:, 1])
+    shared = image.shape[0] == 1
+    first = _first_layer_image_side(decoder.transformer.layers[0], image[0], pos) if shared else None
+    operands = _upscale_operands(decoder, high_res, c, image.shape[1])
+    out_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
+    parts = []
+    for i in range(0, sparse.shape[0], chunk):
+        part = sparse[i : i + chunk, 0]
+        tokens = torch.cat([out_tokens.expand(len(part), -1, -1), part], 1)
+        queries, x = _transformer(decoder.transformer, tokens, image if shared else image[i : i + chunk], pos, first)
+        mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
+        hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+        parts.append((_upscaled_masks(decoder, x, operands, hyper, (hh, ww)), decoder.iou_prediction_head(queries[:, 1])))
+    masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if multimask_output:
         return masks[:, 1:], iou[:, 1:]
     if decoder.dynamic_multimask_via_stability:

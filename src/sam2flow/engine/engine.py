@@ -270,13 +270,8 @@ class Sam2Engine:
                 return low_res[:, 0], iou[:, 0]
             if mask is None:
                 dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
-            # A few prompts at a time keeps each chunk's (prompts, 4096, 256) tensors in cache.
-            parts = [
-                decode(self.model.mask_decoder, emb.image_embed, self._image_pe, sparse[i : i + DECODE_CHUNK],
-                       dense if mask is None else dense[i : i + DECODE_CHUNK], emb.high_res_feats, multimask_output)
-                for i in range(0, len(xy), DECODE_CHUNK)
-            ]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return decode(self.model.mask_decoder, emb.image_embed, self._image_pe, sparse, dense,
+                          emb.high_res_feats, multimask_output, DECODE_CHUNK)
 
     def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool) -> Prediction:
         low_res, iou = self.decode_low_res(emb, prompts, multimask_output)
