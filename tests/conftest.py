@@ -96,6 +96,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
+# A workflow of one SAM2 step: image + detections "boxes" in, "masks" out.
+BOXES_WORKFLOW = {
+    "version": "1.0",
+    "inputs": [{"type": "WorkflowImage", "name": "image"},
+               {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]}],
+    "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
+               "boxes": "$inputs.boxes"}],
+    "outputs": [{"type": "JsonField", "name": "masks", "selector": "$steps.sam.predictions"}],
+}
+
 SERVER_API_KEY = "test-key-123"
 SERVER_POINTS_PER_SIDE = 4  # the live server's unprompted grid: small, CPU tests
 

@@ -28,7 +28,7 @@ from sam2flow.cli import main
 from sam2flow.formats import rle_to_mask
 from sam2flow.scale.batch import run_batch
 
-from conftest import SERVER_API_KEY, free_port, random_image, write_mixed_images
+from conftest import BOXES_WORKFLOW, SERVER_API_KEY, free_port, random_image, write_mixed_images
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (sam2flow[ray])")
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,15 +208,9 @@ def test_ray_serve_answers_the_sdk_as_the_plain_server_does(cluster, tiny_checkp
         assert p["confidence"] == pytest.approx(float(score), abs=1e-5)
 
     # The workflow route embeds from a worker thread through Serve's batcher (cached here: cheap).
-    spec = {"version": "1.0",
-            "inputs": [{"type": "WorkflowImage", "name": "image"},
-                       {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]}],
-            "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
-                       "boxes": "$inputs.boxes"}],
-            "outputs": [{"type": "JsonField", "name": "masks", "selector": "$steps.sam.predictions"}]}
     dets = {"image": {"width": 320, "height": 240}, "predictions": [
         {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"}]}
-    out = client.run_workflow(specification=spec, images={"image": str(path)}, parameters={"boxes": dets})
+    out = client.run_workflow(specification=BOXES_WORKFLOW, images={"image": str(path)}, parameters={"boxes": dets})
     assert [(p["class"], p["parent_id"]) for p in out[0]["masks"]["predictions"]] == [("cup", "u1")]
 
     # Errors are the plain server's, status and body.

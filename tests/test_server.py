@@ -15,7 +15,7 @@ from sam2flow import Prompt
 from sam2flow.formats import rle_to_mask
 
 from conftest import SERVER_API_KEY as API_KEY
-from conftest import mask_iou, random_image
+from conftest import BOXES_WORKFLOW, mask_iou, random_image
 
 inference_sdk = pytest.importorskip("inference_sdk")
 
@@ -75,16 +75,10 @@ def test_sdk_boxes_and_points_equal_the_engine(client, tiny_engine, image_path):
 
 
 def test_sdk_workflow_forwards_classes(client, image_path):
-    spec = {"version": "1.0",
-            "inputs": [{"type": "WorkflowImage", "name": "image"},
-                       {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]}],
-            "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
-                       "boxes": "$inputs.boxes"}],
-            "outputs": [{"type": "JsonField", "name": "masks", "selector": "$steps.sam.predictions"}]}
     dets = {"image": {"width": 320, "height": 240}, "predictions": [
         {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"},
         {"x": 235, "y": 140, "width": 130, "height": 160, "class": "bowl", "class_id": 5, "detection_id": "u2"}]}
-    out = client.run_workflow(specification=spec, images={"image": image_path}, parameters={"boxes": dets})
+    out = client.run_workflow(specification=BOXES_WORKFLOW, images={"image": image_path}, parameters={"boxes": dets})
     preds = out[0]["masks"]["predictions"]
     assert [(p["class"], p["class_id"], p["parent_id"]) for p in preds] == [("cup", 3, "u1"), ("bowl", 5, "u2")]
 

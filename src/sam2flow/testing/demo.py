@@ -54,6 +54,8 @@ def run_demo(out_dir: str | Path, seed: int = 3, size: tuple[int, int] = (480, 6
 
     ``engine`` defaults to the fixture model on the CPU (``FixtureError`` if its weights are missing).
     """
+    from PIL import Image
+
     from ..annotate import write_annotated
     from ..engine.engine import Sam2Engine
     from ..workflows.runner import run_workflow, serialize_outputs
@@ -73,8 +75,6 @@ def run_demo(out_dir: str | Path, seed: int = 3, size: tuple[int, int] = (480, 6
     truth = [scene.masks[row[pid]] for pid in detections.data["parent_id"]]
     ious = np.array([_iou(m, t) for m, t in zip(detections.mask, truth)])
     files = {"input": out / "input.png", "annotated": out / "annotated.png", "result": out / "result.json"}
-    from PIL import Image
-
     Image.fromarray(scene.image).save(files["input"])
     write_annotated(scene.image, detections, files["annotated"])
     files["result"].write_text(json.dumps(serialize_outputs(result)[0], indent=1) + "\n")
