@@ -79,3 +79,28 @@ def test_compiled_encoder_gives_the_same_masks(tiny_checkpoint, tiny_engine):
     for a, b in zip(got.masks, want.masks):
         assert mask_iou(a, b) >= 0.99
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-3)
+
+
+def test_one_model_object_never_serves_two_precisions(tiny_engine):
+    """The engine converts its model in place, so a second engine asking the same object for
+    another dtype is refused (it would silently change the first); a copy or the same dtype works."""
+    import copy
+    import gc
+
+    import torch
+
+    model = tiny_engine.model.__class__(tiny_engine.model.config)
+    first = Sam2Engine(model, tiny_engine.spec, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="already serves an engine on cpu with a torch.float32 encoder"):
+        Sam2Engine(model, tiny_engine.spec, device="cpu", dtype="bfloat16")
+    assert first.model.vision_encoder.neck.convs[0].weight.dtype == torch.float32
+
+    same = Sam2Engine(model, tiny_engine.spec, device="cpu", dtype="float32")
+    copied = Sam2Engine(copy.deepcopy(model), tiny_engine.spec, device="cpu", dtype="bfloat16")
+    assert copied.model.vision_encoder.neck.convs[0].weight.dtype == torch.bfloat16
+    assert first.model.vision_encoder.neck.convs[0].weight.dtype == torch.float32
+
+    del first, same
+    gc.collect()  # once no engine uses the object, it may be placed anew
+    again = Sam2Engine(model, tiny_engine.spec, device="cpu", dtype="bfloat16")
+    assert again.model.vision_encoder.neck.convs[0].weight.dtype == torch.bfloat16

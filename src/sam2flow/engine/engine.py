@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,8 +105,20 @@ class Sam2Engine:
         self.max_batch_size = max_batch_size
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
+        # The engine converts the model in place (no copy of a large network): a second engine
+        # on the same object with another dtype or device would silently change the first one.
+        placed = (str(self.device), str(self.dtype))
+        owner_id, owner, owner_placed = getattr(model, "_sam2flow_owner", (None, lambda: None, None))
+        # A deepcopy carries the attribute along: it counts only on the object it was set on.
+        if owner_id == id(model) and owner() is not None and owner_placed != placed:
+            raise ValueError(
+                f"this model object already serves an engine on {owner_placed[0]} with a "
+                f"{owner_placed[1]} encoder; converting it to {placed[0]}/{placed[1]} would change "
+                f"that engine too: pass copy.deepcopy(model), or the same device and dtype"
+            )
         self.model = model.eval().to(self.device, torch.float32)
         self.model.vision_encoder.to(self.dtype)
+        self.model._sam2flow_owner = (id(model), weakref.ref(self), placed)
         streamline_encoder(self.model)
         self.input_size = int(model.config.prompt_encoder_config.image_size)
         self._encoder = self.model.vision_encoder
