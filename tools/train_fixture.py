@@ -13,10 +13,12 @@ Stages, all resumable (run the same command again after an interruption):
    masks, one safetensors file per scene under ``<cache>/features/``. Existing files are kept.
 2. Train (``--steps`` planned, the one-cycle schedule spans them): each step takes
    ``--scenes-per-step`` scenes and prompts every object of each; the prompt kind is drawn per
-   step (jittered box, one positive click, several positive/negative clicks, box plus a click).
-   Odd steps ask for three masks and train the best (minimum loss) of them, even steps one mask.
-   Loss: BCE + dice on the 256 × 256 logits against area-downsampled masks, plus MSE of the
-   predicted IoU against the real IoU of every returned mask, plus a small object-score BCE
+   step (``--prompt-mix``: jittered box, one positive click, several positive/negative clicks,
+   box plus a click). Odd steps ask for three masks and train the best (minimum loss) of them,
+   even steps one mask. Loss: BCE + dice of the logits upsampled to the image size (as the engine
+   does) against the binary masks (``--no-full-res-loss``: 256 × 256 against area-downsampled
+   masks, which leaves soft edges that unprompted mode's stability filter rejects), plus MSE of
+   the predicted IoU against the real IoU of every returned mask, plus a small object-score BCE
    (every prompt shows an object). AdamW, one-cycle learning rate. A checkpoint (weights,
    optimizer, scheduler, step, RNG states) is written every ``--ckpt-every`` steps to
    ``<cache>/runs/<run>/last.pt`` (and kept every 1000 steps); a quick held-out box-prompt mIoU
@@ -58,8 +60,22 @@ FEATURE_FORMAT = "1"
 LOW_RES = 256
 IMAGE_SIZE = 1024
 
-# Prompt kinds drawn per step: name → probability.
-PROMPT_KINDS = {"box": 0.4, "click": 0.3, "clicks": 0.15, "box+click": 0.15}
+# Prompt kinds drawn per step: name → probability (``--prompt-mix`` changes it).
+PROMPT_KINDS = {"box": 0.5, "click": 0.3, "clicks": 0.1, "box+click": 0.1}
+
+
+def parse_prompt_mix(text: str) -> dict[str, float]:
+    """``"box=0.5,click=0.3,..."`` → probabilities over ``PROMPT_KINDS``' names, normalised."""
+    mix = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in PROMPT_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown prompt kind {name.strip()!r}: one of {', '.join(PROMPT_KINDS)}")
+        mix[name.strip()] = float(value)
+    total = sum(mix.values())
+    if total <= 0 or any(v < 0 for v in mix.values()):
+        raise argparse.ArgumentTypeError(f"prompt mix {text!r}: weights must be >= 0 and not all 0")
+    return {k: v / total for k, v in mix.items()}
 
 
 def log(msg: str) -> None:
@@ -297,6 +313,17 @@ def low_res_targets(masks: np.ndarray) -> torch.Tensor:
     return F.interpolate(m, (LOW_RES, LOW_RES), mode="area")
 
 
+def loss_inputs(logits: torch.Tensor, masks: np.ndarray, full_res: bool):
+    """Logits and targets the loss compares. ``full_res``: the logits upsampled as the engine
+    does (bilinear to the image size) against the binary masks, which teaches sharp edges (what
+    unprompted mode's stability filter asks for); else 256 × 256 against area-downsampled masks."""
+    if full_res:
+        h, w = masks.shape[-2:]
+        up = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False)
+        return up, torch.from_numpy(masks).float()[:, None]
+    return logits, low_res_targets(masks)
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 
@@ -307,8 +334,9 @@ def run_dir(args) -> Path:
 
 
 def _config(args) -> dict:
-    keys = ("scenes", "steps", "scenes_per_step", "lr", "weight_decay", "pct_start", "train_seed", "encoder_seed")
-    config = {**{k: getattr(args, k) for k in keys}, "size": list(args.size)}
+    keys = ("scenes", "steps", "scenes_per_step", "lr", "weight_decay", "pct_start", "train_seed", "encoder_seed",
+            "full_res_loss", "iou_loss_weight")
+    config = {**{k: getattr(args, k) for k in keys}, "size": list(args.size), "prompt_mix": args.prompt_mix}
     if args.init_from:  # absent otherwise, so older runs' checkpoints still match
         config["init_from"] = str(Path(args.init_from).resolve())
     return config
@@ -341,7 +369,7 @@ def make_optimizer(decoder, args):
     return opt, sched
 
 
-def train_step(decoder, batch, kind, multimask, rng, hw, bf16: bool):
+def train_step(decoder, batch, kind, multimask, rng, hw, args):
     """One optimisation step's loss over the scenes in ``batch`` (one decoder call per scene:
     the scene's features broadcast over its prompts instead of being copied per prompt)."""
     logits, iou_pred, obj, targets = [], [], [], []
@@ -352,13 +380,14 @@ def train_step(decoder, batch, kind, multimask, rng, hw, bf16: bool):
         if len(masks) > 6:
             masks = masks[rng.choice(len(masks), 6, replace=False)]
         c, l = make_prompts(rng, kind, masks, hw)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             lo, io, ob = decoder(feats["embed"][None], feats["s0"][None], feats["s1"][None],
                                  torch.from_numpy(c), torch.from_numpy(l), hw, multimask)
-        logits.append(lo.float())
+        lo, target = loss_inputs(lo.float(), masks, args.full_res_loss)
+        logits.append(lo)
         iou_pred.append(io.float())
         obj.append(ob.float())
-        targets.append(low_res_targets(masks))
+        targets.append(target)
     if not logits:  # every scene drawn had no visible object
         return None, {}
     logits, iou_pred, obj, target = torch.cat(logits), torch.cat(iou_pred), torch.cat(obj), torch.cat(targets)
@@ -367,7 +396,7 @@ def train_step(decoder, batch, kind, multimask, rng, hw, bf16: bool):
     best = per_mask.argmin(dim=1)
     iou_loss = F.mse_loss(iou_pred, real_iou)
     obj_loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj))
-    loss = mask_loss + iou_loss + 0.05 * obj_loss
+    loss = mask_loss + args.iou_loss_weight * iou_loss + 0.05 * obj_loss
     rows = torch.arange(len(best))
     return loss, {"mask": mask_loss.item(), "iou_mse": iou_loss.item(), "iou": real_iou[rows, best].mean().item(),
                   "rows": len(best)}
@@ -454,14 +483,14 @@ def train(args) -> None:
     log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {cpu_has_bf16()})")
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
-    kinds, probs = list(PROMPT_KINDS), np.array(list(PROMPT_KINDS.values()))
+    kinds, probs = list(args.prompt_mix), np.array(list(args.prompt_mix.values()))
     acc: dict[str, list[float]] = {}
     t0, steps_timed = time.time(), 0
     while step < stop_at:
         kind = kinds[int(rng.choice(len(kinds), p=probs))]
         multimask = step % 2 == 1
         batch = [cache.get(int(s)) for s in rng.choice(train_seeds, args.scenes_per_step, replace=False)]
-        loss, stats = train_step(decoder, batch, kind, multimask, rng, hw, args.bf16)
+        loss, stats = train_step(decoder, batch, kind, multimask, rng, hw, args)
         if loss is None:
             continue
         opt.zero_grad(set_to_none=True)
@@ -648,6 +677,12 @@ def main(argv=None) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--pct-start", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--prompt-mix", type=parse_prompt_mix, default=PROMPT_KINDS, metavar="KIND=W,...",
+                   help=f"prompt kinds' weights per step (default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
+    p.add_argument("--full-res-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="loss on logits upsampled to the image size against binary masks (default) "
+                        "instead of 256 x 256 against area-downsampled ones")
+    p.add_argument("--iou-loss-weight", type=float, default=1.0, help="weight of the IoU head's MSE")
     p.add_argument("--encoder-seed", type=int, default=FIXTURE_SEED)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bfloat16 autocast of the decoder's forward (off: on 2 AMX cores it saved <10 %% per step)")
