@@ -36,10 +36,11 @@ How the committed weights were made (three stages, each starting from the last o
 ~3 h on 2 cores in all):
 
 1. ``--run main --scenes 486 --steps 5000 --prompt-mix box=0.4,click=0.3,clicks=0.15,box+click=0.15
-   --no-full-res-loss`` (held-out box mIoU 0.755; the predicted-IoU pick lost ~0.08 against the best
-   of the three candidates, and the IoU head rarely said > 0.8, so unprompted mode found 27 %);
+   --no-full-res-loss`` (held-out box mIoU 0.755; the IoU head rarely said > 0.8, so unprompted
+   mode found 27 %);
 2. ``--run v2 --steps 6000 --lr 2e-4 --pct-start 0.05 --init-from <1>`` (the current defaults:
-   full-resolution loss, boxes 50 %), stopped by hand at step 1400 and exported;
+   full-resolution loss, boxes 50 %), stopped by hand at step 1400 and exported (at step 1000 the
+   pick by predicted IoU gave 0.763 where the best of the three candidates gave 0.845);
 3. ``--run v3 --steps 4500 --lr 2e-4 --pct-start 0.03 --iou-loss-weight 2 --mean-candidate-weight
    0.5 --init-from <2>``: held-out box mIoU 0.864, one click best-of-three 0.813, unprompted
    recall 71.7 % (16 × 16 grid, the reference's default filters), all through ``--eval``.
