@@ -310,6 +310,13 @@ class Decoder(torch.nn.Module):
         return logits, iou, obj
 
 
+def _ious(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over the last two dimensions (broadcast); two empty masks: 1."""
+    inter = (pred & gt).sum((-1, -2)).float()
+    union = (pred | gt).sum((-1, -2)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     """Per row and candidate: BCE + dice (R, C), and the real IoU of ``logits > 0`` (R, C)."""
     t = target.expand_as(logits)
@@ -317,10 +324,7 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
     with torch.no_grad():
-        pred, gt = logits > 0, t > 0.5
-        inter = (pred & gt).sum((-1, -2)).float()
-        union = (pred | gt).sum((-1, -2)).float()
-        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        iou = _ious(logits > 0, t > 0.5)
     return bce + dice, iou
 
 
@@ -444,10 +448,7 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         ):
             logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
-            gt = torch.from_numpy(masks)[:, None]
-            inter = (up & gt).sum((-1, -2)).float()
-            union = (up | gt).sum((-1, -2)).float().clamp(min=1)
-            ious = inter / union
+            ious = _ious(up, torch.from_numpy(masks)[:, None])
             if kind == "box":
                 box_ious += ious[torch.arange(n), iou.argmax(1)].tolist()
             else:
@@ -623,12 +624,6 @@ def evaluate(args) -> dict:
           f"{args.auto_points_per_side}² grid)")
     print(f"  all targets met: {ok}")
     return res
-
-
-def _ious(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    inter = (pred & gt).sum((-1, -2)).float()
-    union = (pred | gt).sum((-1, -2)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def export(args) -> None:
