@@ -90,6 +90,20 @@ def write_mixed_images(d) -> None:
     (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
 
 
+def connected_components(mask: torch.Tensor):
+    """Stand-in for Meta's CUDA kernel ``sam2.utils.misc.get_connected_components`` (8-connectivity
+    labels and areas of each (N, 1, H, W) mask), via scipy, for the reference's post-processing."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    m = mask.to(torch.uint8).cpu().numpy()
+    labels, areas = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
+    for i in range(len(m)):
+        lab, _ = ndimage.label(m[i, 0], structure=np.ones((3, 3), int))
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        labels[i, 0], areas[i, 0] = lab, sizes[lab]
+    return torch.from_numpy(labels), torch.from_numpy(areas)
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     union = (a | b).sum()
@@ -108,6 +122,9 @@ BOXES_WORKFLOW = {
 
 SERVER_API_KEY = "test-key-123"
 SERVER_POINTS_PER_SIDE = 4  # the live server's unprompted grid: small, CPU tests
+SERVER_MAX_PROMPTS = 20  # per image
+SERVER_MAX_REQUEST_PROMPTS = 40  # per request
+SERVER_MAX_PIXELS = 4_000_000
 
 
 def free_port() -> int:
@@ -116,12 +133,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, log):
-    """Start ``sam2flow serve`` on a free loopback port (API key, small limits); → (url, process)."""
+def start_server(checkpoint, log, env: dict | None = None):
+    """Start ``sam2flow serve`` on a free loopback port (API key, small limits); → (url, process).
+
+    ``env``: more ``SAM2FLOW_*`` settings for this server.
+    """
     port = free_port()
-    env = {**os.environ, "SAM2FLOW_API_KEY": SERVER_API_KEY, "SAM2FLOW_MAX_PROMPTS": "20",
-           "SAM2FLOW_MAX_IMAGE_PIXELS": "4000000", "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
-           "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE)}
+    env = {**os.environ, "SAM2FLOW_API_KEY": SERVER_API_KEY, "SAM2FLOW_MAX_PROMPTS": str(SERVER_MAX_PROMPTS),
+           "SAM2FLOW_MAX_REQUEST_PROMPTS": str(SERVER_MAX_REQUEST_PROMPTS),
+           "SAM2FLOW_MAX_IMAGE_PIXELS": str(SERVER_MAX_PIXELS), "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
+           "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE), **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
@@ -153,8 +174,13 @@ def stop_server(proc) -> None:
 
 
 @pytest.fixture(scope="session")
-def live_server(tiny_checkpoint, tmp_path_factory):
-    """A real server process with the random-weights tiny checkpoint."""
+def live_server_process(tiny_checkpoint, tmp_path_factory):
+    """A real server process with the random-weights tiny checkpoint: (url, process)."""
     url, proc = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
-    yield url
+    yield url, proc
     stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def live_server(live_server_process):
+    return live_server_process[0]

@@ -16,7 +16,7 @@ import torch
 from sam2flow.engine.automatic import AutomaticConfig, AutomaticResult, box_nms, generate_masks, point_grid
 from sam2flow.models.registry import get_spec
 
-from conftest import build_reference, mask_iou
+from conftest import build_reference, connected_components, mask_iou
 
 IOU_BAR = 0.999
 SCORE_TOL = 1e-4
@@ -106,19 +106,6 @@ def test_parity_single_mask_output(ours, scene):
     assert_matches(result, reference(image, **kw))
 
 
-def _connected_components(mask: torch.Tensor):
-    """Stand-in for the reference's CUDA kernel (8-connectivity labels and areas), via scipy."""
-    ndimage = pytest.importorskip("scipy.ndimage")
-    m = mask.to(torch.uint8).cpu().numpy()
-    labels, areas = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
-    for i in range(len(m)):
-        lab, _ = ndimage.label(m[i, 0], structure=np.ones((3, 3), int))
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        labels[i, 0], areas[i, 0] = lab, sizes[lab]
-    return torch.from_numpy(labels), torch.from_numpy(areas)
-
-
 def test_parity_min_mask_region_area(ours, scene, monkeypatch):
     """Hole and speck removal matches the reference's predictor where its CUDA kernel exists."""
     pytest.importorskip("scipy.ndimage")
@@ -126,7 +113,7 @@ def test_parity_min_mask_region_area(ours, scene, monkeypatch):
 
     def kernel(mask):
         calls.append(mask.shape)
-        return _connected_components(mask)
+        return connected_components(mask)
 
     monkeypatch.setattr("sam2.utils.misc.get_connected_components", kernel)
     image, _ = scene

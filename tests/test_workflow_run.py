@@ -182,7 +182,7 @@ def test_image_forms_give_the_same_result(pool, tmp_path):
         ({"image": IMAGES[0]}, "'detections' is required"),
         ({"image": IMAGES, "detections": DETECTIONS[:1]}, "one set of detections for 2 images"),
         ({"image": "not-base64!!", "detections": DETECTIONS[0]}, "base64"),
-        ({"image": {"type": "url", "value": "http://x"}, "detections": DETECTIONS[0]}, "not supported"),
+        ({"image": {"type": "s3", "value": "bucket/x.png"}, "detections": DETECTIONS[0]}, "expected an image"),
         ({"image": IMAGES[0], "detections": DETECTIONS[0], "colour": 1}, "unknown workflow input"),
         ({"image": IMAGES[0], "detections": DETECTIONS[0], "threshold": "high"}, "threshold must be a number"),
         ({"image": IMAGES[0], "detections": {"predictions": [{"x": 1}]}}, "'y'"),

@@ -11,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .engine.precision import DTYPE_CHOICES
 from .models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
 
@@ -60,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(seg)
     seg.add_argument("--threshold", type=float, default=0.0, help="drop masks scoring below this (default 0)")
     seg.add_argument("--single-mask", action="store_true", help="single-mask mode instead of best of three")
+    _add_cleanup_args(seg)
     seg.add_argument("--format", choices=("json", "rle"), default="json",
                      help="json: polygon points per mask; rle: COCO RLE per mask")
     seg.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
@@ -90,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--batch-size", type=int, default=4, help="images embedded together")
     bat.add_argument("--threshold", type=float, default=0.0)
     bat.add_argument("--single-mask", action="store_true")
+    _add_cleanup_args(bat)
     bat.add_argument("--points-per-side", type=int, default=32, help="unprompted mode's point grid")
     _add_model_args(bat)
     bat.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); "
@@ -188,6 +188,23 @@ def _cmd_serve_ray(args, settings) -> int:
     return 0
 
 
+def _area(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return value
+
+
+def _add_cleanup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-hole-area", type=_area, default=0, metavar="PIXELS",
+                   help="fill holes of at most this many low-resolution (256x256) pixels; 0 = off (default)")
+    p.add_argument("--max-sprinkle-area", type=_area, default=0, metavar="PIXELS",
+                   help="erase specks of at most this many low-resolution (256x256) pixels; 0 = off (default)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", choices=VERSIONS, default=DEFAULT_VERSION)
     p.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
@@ -197,19 +214,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
                         "float32 gives the reference's numbers exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); grayscale and RGBA are converted."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path} cannot be read: {e}") from None
 
 
 def _prompts(args, image_hw):
@@ -252,14 +256,16 @@ def cmd_segment(args) -> int:
     from .detections import masks_to_detections
     from .engine.engine import Sam2Engine
     from .formats import detections_to_predictions
+    from .images import read_image_file
 
-    image = read_image(args.image)
+    image = read_image_file(args.image, f"image {args.image}")
     h, w = image.shape[:2]
     prompts, class_ids, class_names, parents = _prompts(args, (h, w))
     engine = Sam2Engine.from_pretrained(
         args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile
     )
-    result = engine.predict_prompts(engine.embed([image])[0], prompts, multimask_output=not args.single_mask)
+    result = engine.predict_prompts(engine.embed([image])[0], prompts, multimask_output=not args.single_mask,
+                                    max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
     has_parents = any(p is not None for p in parents)
     detections = masks_to_detections(
         result.masks, result.scores, class_ids, class_names, parents if has_parents else None, args.threshold
@@ -332,7 +338,6 @@ def cmd_run_workflow(args) -> int:
 def cmd_batch(args) -> int:
     from .engine.engine import Sam2Engine
     from .scale.batch import run_batch
-    from .workflows.step import StepParameters
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
@@ -342,13 +347,20 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--out {args.out} must end in .jsonl")
     engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
                                         dtype=args.dtype, max_batch_size=args.batch_size, compile=args.compile)
-    params = StepParameters(args.version, args.threshold, not args.single_mask)
+    params = _step_parameters(args)
     from .engine.automatic import AutomaticConfig
 
     config = AutomaticConfig(points_per_side=args.points_per_side)
     summary = run_batch(engine, args.input, args.out, args.boxes, args.format, args.batch_size, params,
                         automatic_config=config)
     return _batch_summary(summary)
+
+
+def _step_parameters(args):
+    from .workflows.step import StepParameters
+
+    return StepParameters(args.version, args.threshold, not args.single_mask, max_hole_area=args.max_hole_area,
+                          max_sprinkle_area=args.max_sprinkle_area)
 
 
 def _batch_summary(summary) -> int:
@@ -360,7 +372,6 @@ def _batch_summary(summary) -> int:
 def _cmd_batch_ray(args) -> int:
     from .engine.automatic import AutomaticConfig
     from .scale.ray_common import require_ray
-    from .workflows.step import StepParameters
 
     require_ray()  # before any work: without Ray this is the one line the user sees
     from .scale.ray_batch import run_ray_batch
@@ -374,7 +385,7 @@ def _cmd_batch_ray(args) -> int:
                    "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size,
                    "compile": args.compile}
     summary = run_ray_batch(args.input, args.out, engine_args, args.boxes, args.format, args.batch_size,
-                            StepParameters(args.version, args.threshold, not args.single_mask),
+                            _step_parameters(args),
                             AutomaticConfig(points_per_side=args.points_per_side), args.ray_address,
                             args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus_per_actor)
     return _batch_summary(summary)

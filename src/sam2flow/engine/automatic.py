@@ -33,13 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import transforms as T
 from .engine import LOW_RES, ImageEmbedding, Sam2Engine
 from .prompts import PromptArrays
 
-# The reference's predictor finds holes and specks at its own mask threshold (0.0, not the
-# generator's ``mask_threshold``) and overwrites them with logits 10 above or below it.
-_REGION_THRESHOLD = 0.0
-_REGION_FILL = 10.0
 _MAX_UPSAMPLE_ELEMENTS = 1 << 25  # float32 logits per upsampling chunk (128 MiB)
 
 
@@ -195,24 +192,6 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.n
     return np.asarray(keep, dtype=np.int64)
 
 
-def _remove_small_regions(low_res: torch.Tensor, max_area: int) -> torch.Tensor:
-    """Fill background regions and erase foreground regions of at most ``max_area`` low-res pixels.
-
-    Both kinds of region are found on the logits as given (8-connectivity), as the reference does.
-    """
-    import cv2
-
-    arr = low_res.float().cpu().numpy()
-    out = arr.copy()
-    for k in range(len(arr)):
-        fg = arr[k] > _REGION_THRESHOLD
-        for region, value in ((~fg, _REGION_THRESHOLD + _REGION_FILL), (fg, _REGION_THRESHOLD - _REGION_FILL)):
-            _, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
-            small = region & (stats[labels, cv2.CC_STAT_AREA] <= max_area)
-            out[k][small] = value
-    return torch.from_numpy(out).to(low_res.device)
-
-
 def _upsample(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """(N, 256, 256) → (N, H, W) float32 logits, bilinear without corner alignment (the reference's)."""
     return F.interpolate(low_res[:, None].float(), hw, mode="bilinear", align_corners=False)[:, 0]
@@ -244,7 +223,8 @@ def generate_masks(engine: Sam2Engine, embedding: ImageEmbedding, config: Automa
             if len(iou) == 0:
                 continue
             if cfg.min_mask_region_area > 0:
-                low_res = _remove_small_regions(low_res, cfg.min_mask_region_area)
+                # the reference's predictor, built with max_hole_area = max_sprinkle_area = this area
+                low_res = T.remove_small_regions(low_res, cfg.min_mask_region_area, cfg.min_mask_region_area)
             for s in range(0, len(iou), chunk):
                 part = low_res[s : s + chunk]
                 up = _upsample(part, hw)

@@ -142,3 +142,30 @@ def group_prompts(prompts: Sequence[Prompt], image_hw: tuple[int, int]) -> list[
         n_points = 0 if a.points is None else a.points.shape[1]
         groups.setdefault((a.boxes is not None, n_points, a.mask_input is not None), []).append(i)
     return [(idx, _stack([checked[i] for i in idx])) for idx in groups.values()]
+
+
+class PromptLimitError(ValueError):
+    """More prompts than a server allows (answered with 413, naming the limit)."""
+
+
+@dataclass
+class PromptBudget:
+    """How many prompts one request may decode: ``per_image`` for any one image, ``per_request``
+    for all images and steps together (``None``: no limit). ``take`` counts and refuses."""
+
+    per_image: int | None = None
+    per_request: int | None = None
+    used: int = 0
+
+    def take(self, counts: Sequence[int], where: str = "request") -> None:
+        """Count the prompts of a batch of images (one count per image), or raise naming the limit."""
+        for i, n in enumerate(counts):
+            if self.per_image is not None and n > self.per_image:
+                image = f" image {i}" if len(counts) > 1 else ""
+                raise PromptLimitError(f"{where}:{image} {n} prompts is more than this server's limit of "
+                                       f"{self.per_image} per image (SAM2FLOW_MAX_PROMPTS)")
+        total = self.used + sum(counts)
+        if self.per_request is not None and total > self.per_request:
+            raise PromptLimitError(f"{where}: {total} prompts in one request is more than this server's limit of "
+                                   f"{self.per_request} (SAM2FLOW_MAX_REQUEST_PROMPTS)")
+        self.used = total

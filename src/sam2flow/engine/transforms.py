@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_THRESHOLD = 0.0
 LOW_RES_LOGIT_LIMIT = 32.0  # the reference clamps returned low-resolution logits to ±32
+REGION_FILL = 10.0  # filled holes become MASK_THRESHOLD + 10, erased sprinkles MASK_THRESHOLD - 10
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -87,3 +88,36 @@ def upsample_masks(low_res: torch.Tensor, original_hw: tuple[int, int], max_elem
         up = F.interpolate(chunk, (h, w), mode="bilinear", align_corners=False)
         torch.gt(up[:, 0], MASK_THRESHOLD, out=out[start : start + step])
     return out
+
+
+def check_region_area(name: str, value) -> int:
+    """A hole/sprinkle area in low-resolution pixels: an integer >= 0 (0 = off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (low-resolution pixels; 0 = off), got {value!r}")
+    return int(value)
+
+
+def remove_small_regions(low_res: torch.Tensor, max_hole_area: int, max_sprinkle_area: int) -> torch.Tensor:
+    """Fill small holes and erase small sprinkles of low-resolution logits (N, 256, 256).
+
+    Meta's ``SAM2Transforms.postprocess_masks`` (``sam2/utils/transforms.py``), before upsampling:
+    background components (logits <= ``MASK_THRESHOLD``, 8-connected) of at most ``max_hole_area``
+    pixels are set to ``MASK_THRESHOLD + 10``; foreground components (logits > ``MASK_THRESHOLD``)
+    of at most ``max_sprinkle_area`` pixels to ``MASK_THRESHOLD - 10``. Both kinds are found on the
+    logits as given, as the reference does; areas count pixels of the 256 × 256 grid (one low-res
+    pixel is (H / 256) × (W / 256) image pixels). 0 turns either off. Returns a new tensor.
+    """
+    import cv2
+
+    arr = low_res.float().cpu().numpy()
+    out = arr.copy()
+    for k in range(len(arr)):
+        fg = arr[k] > MASK_THRESHOLD
+        for region, area, value in ((~fg, max_hole_area, MASK_THRESHOLD + REGION_FILL),
+                                    (fg, max_sprinkle_area, MASK_THRESHOLD - REGION_FILL)):
+            if area <= 0:
+                continue
+            _, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+            small = region & (stats[labels, cv2.CC_STAT_AREA] <= area)
+            out[k][small] = value
+    return torch.from_numpy(out).to(low_res.device)

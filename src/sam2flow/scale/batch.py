@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from ..formats import detections_to_predictions, predictions_to_detections
-from ..workflows.inputs import decode_image_bytes
+from ..images import read_image_file as _read_image_file
 from ..workflows.step import StepParameters, segment_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -99,8 +99,8 @@ def _segment(engine, names, images, boxes, params, mask_format, automatic_config
 
 
 def read_image_file(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); ``OSError`` or ``ValueError`` when it cannot be read."""
-    return decode_image_bytes(path.read_bytes(), path.name)
+    """A batch job's image as RGB uint8 (H, W, 3); its ``ValueError`` names the file by its name."""
+    return _read_image_file(path, path.name)
 
 
 def error_record(name: str, error: Exception) -> dict:

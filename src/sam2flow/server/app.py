@@ -23,14 +23,13 @@ from .. import __version__
 from ..engine.automatic import AutomaticConfig
 from ..engine.cache import EmbeddingCache
 from ..engine.pool import EnginePool
-from ..engine.prompts import Prompt
+from ..engine.prompts import Prompt, PromptBudget, PromptLimitError
 from ..formats import mask_to_polygons, mask_to_rle
 from ..models.convert import CheckpointError
 from ..models.registry import get_spec
-from ..workflows.inputs import ImageTooLarge
+from ..images import ImageTooLarge, load_wire_image, wire_loader
 from ..workflows.runner import run_workflow, serialize_outputs
 from .batching import BatchedEngine, EmbedBatcher
-from .images import load_request_image, resolve_workflow_images
 from .metrics import ServerMetrics
 from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
 from .settings import ServerSettings
@@ -130,12 +129,11 @@ class _TooLarge(Exception):
     pass
 
 
-def _prompts(request: SegmentRequest, limit: int) -> list[Prompt] | None:
+def _prompts(request: SegmentRequest, budget: PromptBudget) -> list[Prompt] | None:
     items = request.prompts
     if not items:
         return None
-    if len(items) > limit:
-        raise ValueError(f"{len(items)} prompts is more than this server's limit of {limit}")
+    budget.take([len(items)], "prompts")
     prompts = []
     for p in items:
         points = [[q.x, q.y] for q in p.points] if p.points else None
@@ -172,6 +170,7 @@ def _format_predictions(masks: np.ndarray, scores: np.ndarray, fmt: str) -> list
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     state = ServerState(settings)
+    limits = settings.image_limits()  # what any image of any request may be
 
     @asynccontextmanager
     async def lifespan(app):
@@ -198,6 +197,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return _error(401, "missing or wrong API key")
 
     @app.exception_handler(ImageTooLarge)
+    @app.exception_handler(PromptLimitError)
     async def _too_large(request, exc):
         return _error(413, str(exc))
 
@@ -212,8 +212,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(422, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _error(422, f"{where}: {message}")
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):
@@ -248,7 +251,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 raise ValueError("no image given and no cached embedding for that image_id" if image_id
                                  else "the request has no image")
             return engine, cached
-        image = await run_in_threadpool(load_request_image, image_ref.model_dump(), settings)
+        image = await run_in_threadpool(load_wire_image, image_ref.model_dump(), "image", limits)
         emb = await asyncio.wrap_future(state.batcher.submit(engine, image))
         state.by_id.put((version, image_id or emb.key.split("|")[-1]), emb)
         return engine, emb
@@ -264,7 +267,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def segment_image(body: SegmentRequest, request: Request):
         _authorize(state, request, body.api_key)
         start = time.perf_counter()
-        prompts = _prompts(body, settings.max_prompts)
+        prompts = _prompts(body, settings.prompt_budget())
         engine, emb = await embedding_for(body.sam2_version_id, body.image, body.image_id)
         if prompts is None:
             config = AutomaticConfig(points_per_side=settings.automatic_points_per_side)
@@ -274,7 +277,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             key = (body.sam2_version_id, emb.key)
             if body.load_logits_from_cache:
                 prompts = _with_cached_logits(prompts, state.logits.get(key))
-            result = await run_in_threadpool(engine.predict_prompts, emb, prompts, body.multimask_output)
+            result = await run_in_threadpool(engine.predict_prompts, emb, prompts, body.multimask_output,
+                                             body.max_hole_area, body.max_sprinkle_area)
             masks, scores, logits = result.masks, result.scores, result.low_res_logits
             if body.save_logits_to_cache:
                 state.logits.put(key, ([_signature(p) for p in prompts], logits))
@@ -294,8 +298,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         start = time.perf_counter()
 
         def run():
-            inputs = {k: resolve_workflow_images(v, settings, f"input {k!r}") for k, v in body.inputs.items()}
-            results = serialize_outputs(run_workflow(body.specification, inputs, state))
+            results = serialize_outputs(run_workflow(body.specification, body.inputs, state,
+                                                     image_loader=wire_loader(limits), budget=settings.prompt_budget()))
             excluded = set(body.excluded_fields or ())
             return [{k: v for k, v in r.items() if k not in excluded} for r in results]
 

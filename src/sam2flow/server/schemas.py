@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from ..images import WIRE_FORM, WIRE_TYPES
 
 
 class ImageRef(BaseModel):
+    """An image over HTTP; ``sam2flow.images.load_wire_image`` decodes it (``url`` only when enabled)."""
+
     type: Literal["base64", "numpy", "url"]
     value: Any
+
+
+def _wire_image(value: Any) -> Any:
+    # One message for every unsupported form (paths, file references, bare strings, other types).
+    if not (isinstance(value, dict) and value.get("type") in WIRE_TYPES and "value" in value):
+        raise ValueError(f"an image must be {WIRE_FORM}")
+    return value
+
+
+WireImage = Annotated[ImageRef, BeforeValidator(_wire_image)]
 
 
 class Box(BaseModel):
@@ -57,13 +71,13 @@ class _Request(BaseModel):
 
 
 class EmbedRequest(_Request):
-    image: ImageRef
+    image: WireImage
     image_id: Optional[str] = Field(default=None, max_length=256)
     sam2_version_id: str = "hiera_tiny"
 
 
 class SegmentRequest(_Request):
-    image: Optional[ImageRef] = None
+    image: Optional[WireImage] = None
     image_id: Optional[str] = Field(default=None, max_length=256)
     prompts: Optional[list[PromptModel]] = None  # also accepted wrapped: {"prompts": [...]}
     multimask_output: bool = True
@@ -71,6 +85,9 @@ class SegmentRequest(_Request):
     format: Literal["json", "rle", "binary"] = "json"
     save_logits_to_cache: bool = False
     load_logits_from_cache: bool = False
+    # Meta's post-processing (low-resolution pixels, 0 = off): sam2flow.engine.transforms.remove_small_regions
+    max_hole_area: int = Field(default=0, ge=0)
+    max_sprinkle_area: int = Field(default=0, ge=0)
 
     @field_validator("prompts", mode="before")
     @classmethod

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..engine.prompts import PromptBudget
+from ..images import ImageLimits
 
 
 class ServerSettings(BaseSettings):
@@ -19,7 +22,7 @@ class ServerSettings(BaseSettings):
     compile: bool = False  # torch.compile the image encoder at load (slow start, faster embeds)
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32 (float16 on CUDA)
     family: str = "sam2.1"
-    preload: list[str] = []  # versions loaded at start-up; /readyz waits for them
+    preload: Annotated[list[str], NoDecode] = []  # versions loaded at start-up; /readyz waits for them
     checkpoint: Optional[str] = None  # weights for the first preloaded (or default) version
     max_resident_models: int = 2
     max_batch_size: int = 4  # images embedded together across concurrent requests
@@ -29,16 +32,27 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = 64 << 20
     max_image_pixels: int = 50_000_000
     min_image_side: int = 4
-    max_prompts: int = 512
+    max_prompts: int = 512  # per image
+    max_request_prompts: int = 2048  # all images and steps of one request together
     allow_url_images: bool = False
     url_max_bytes: int = 20 << 20
-    url_timeout_s: float = 10.0
+    url_timeout_s: float = 10.0  # the whole download
+    url_hosts: Annotated[list[str], NoDecode] = []  # hosts that may be fetched even on local/private addresses
     api_key: Optional[str] = None
     automatic_points_per_side: int = 32  # unprompted requests: the point grid (cost grows with its square)
 
-    @field_validator("preload", mode="before")
+    @field_validator("preload", "url_hosts", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    def image_limits(self) -> ImageLimits:
+        """What a request's images may be (``sam2flow.images``: accepted forms, pixels, URLs)."""
+        return ImageLimits(self.max_image_pixels, self.min_image_side, self.allow_url_images, self.url_max_bytes,
+                           self.url_timeout_s, tuple(self.url_hosts))
+
+    def prompt_budget(self) -> PromptBudget:
+        """A fresh count for one request."""
+        return PromptBudget(self.max_prompts, self.max_request_prompts)

@@ -77,11 +77,13 @@ class RemoteEngine:
     def embed(self, images: list[np.ndarray]) -> list[RemoteImage]:
         return [RemoteImage(im) for im in images]
 
-    def predict_prompts(self, emb: RemoteImage, prompts: list[Prompt], multimask_output: bool = True) -> Prediction:
+    def predict_prompts(self, emb: RemoteImage, prompts: list[Prompt], multimask_output: bool = True,
+                        max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
         h, w = emb.original_size
         if not prompts:
             return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, 256, 256), np.float32))
-        masks, scores = self._segment(emb.image, [_prompt_json(p) for p in prompts], multimask_output)
+        cleanup = {"max_hole_area": max_hole_area, "max_sprinkle_area": max_sprinkle_area}
+        masks, scores = self._segment(emb.image, [_prompt_json(p) for p in prompts], multimask_output, cleanup)
         # The server keeps its low-resolution logits; remote results carry none.
         return Prediction(masks, scores, np.zeros((len(scores), 256, 256), np.float32))
 
@@ -91,9 +93,10 @@ class RemoteEngine:
         masks, scores = self._segment(emb.image, None, True)
         return RemoteMasks(masks, scores)
 
-    def _segment(self, image: np.ndarray, prompts: list | None, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _segment(self, image: np.ndarray, prompts: list | None, multimask: bool,
+                 cleanup: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         body = {"image": {"type": "base64", "value": _png_base64(image)}, "sam2_version_id": self.version,
-                "multimask_output": multimask, "format": "rle"}
+                "multimask_output": multimask, "format": "rle", **{k: v for k, v in (cleanup or {}).items() if v}}
         if prompts is not None:
             body["prompts"] = prompts
         payload = self._post("/sam2/segment_image", body)

@@ -10,7 +10,9 @@ import supervision as sv
 
 from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
+from ..engine.prompts import PromptBudget
 from ..formats import detections_to_predictions
+from ..images import ImageLoader
 from .definition import Definition, WorkflowDefinitionError, parse_definition
 from .inputs import detections_batch, image_batch
 from .step import INPUT_SELECTOR, STEP_SELECTOR, StepParameters, segment_images
@@ -24,6 +26,8 @@ def run_workflow(
     execution: str | None = None,
     api_url: str | None = None,
     api_key: str | None = None,
+    image_loader: ImageLoader | None = None,
+    budget: PromptBudget | None = None,
 ) -> list[dict[str, Any]]:
     """Run a workflow on a batch of images; one dict of outputs per image.
 
@@ -35,6 +39,11 @@ def run_workflow(
     ``execution="remote"`` (or ``$SAM2FLOW_REMOTE_URL`` set, with ``execution`` left unset) sends
     the step's work to the sam2flow server at ``api_url`` (default ``$SAM2FLOW_REMOTE_URL``),
     with ``api_key`` (default ``$SAM2FLOW_API_KEY``); no model is loaded here.
+
+    ``image_loader`` decodes each image input (default: every local form, see
+    ``sam2flow.images.load_image``; the server passes its wire loader). ``budget`` bounds the
+    prompts of the whole run (per image and in all): boxes bound from inputs are counted before any
+    model work, boxes from an earlier step before the step that uses them.
     """
     engines = _engines_for(execution, api_url, api_key, engines)
     d = definition if isinstance(definition, Definition) else parse_definition(definition)
@@ -47,7 +56,8 @@ def run_workflow(
     unknown = sorted(set(inputs) - set(d.inputs))
     if unknown:
         raise ValueError(f"unknown workflow input(s): {', '.join(unknown)} (the definition has {', '.join(d.inputs)})")
-    images = {n: image_batch(_required(inputs, n), f"input {n!r}") for n, s in d.inputs.items() if s.type == "image"}
+    images = {n: image_batch(_required(inputs, n), f"input {n!r}", image_loader)
+              for n, s in d.inputs.items() if s.type == "image"}
     batch = {len(v) for v in images.values()}
     if len(batch) > 1:
         raise ValueError(f"image inputs have different batch sizes: {sorted(batch)}")
@@ -59,6 +69,11 @@ def run_workflow(
             raise ValueError(f"input {n!r} is required (the parameter has no default_value)")
     detections = {n: detections_batch(_required(inputs, n), sizes, f"input {n!r}")
                   for n, s in d.inputs.items() if s.type == "batch"}
+
+    budget = budget or PromptBudget()
+    for step in d.steps:  # every prompt bound from the inputs, before any model work
+        if step.boxes is not None and (m := INPUT_SELECTOR.match(step.boxes)):
+            budget.take([len(x) for x in detections[m.group(1)]], f"step {step.name!r}")
 
     results: dict[str, list[sv.Detections]] = {}
     for step in d.steps:
@@ -72,7 +87,11 @@ def run_workflow(
         boxes = None
         if step.boxes is not None:
             m = INPUT_SELECTOR.match(step.boxes)
-            boxes = detections[m.group(1)] if m else results[STEP_SELECTOR.match(step.boxes).group(1)]
+            if m:
+                boxes = detections[m.group(1)]
+            else:
+                boxes = results[STEP_SELECTOR.match(step.boxes).group(1)]
+                budget.take([len(x) for x in boxes], f"step {step.name!r}")
         results[step.name] = segment_images(pool.get(p.version), images[name], [name] * size, boxes, p,
                                             automatic_config)
     return [{out: _select(sel, i, inputs, params, results) for out, sel in d.outputs} for i in range(size)]

@@ -18,6 +18,7 @@ from pydantic import (
 
 from ..detections import attach_image_metadata, keypoint_clicks, masks_to_detections, prompt_fields
 from ..engine.prompts import Prompt
+from ..engine.transforms import check_region_area
 
 STEP_TYPE = "roboflow_core/segment_anything@v1"
 Version = Literal["hiera_large", "hiera_small", "hiera_tiny", "hiera_b_plus"]
@@ -41,8 +42,10 @@ def _parameter(value):
 
 
 class SegmentAnything2Manifest(BaseModel):
-    """The step as users write it in JSON. ``version``, ``threshold``, ``multimask_output`` and
-    ``use_keypoints_as_points`` take a literal or a ``$inputs.<name>`` selector."""
+    """The step as users write it in JSON. ``version``, ``threshold``, ``multimask_output``,
+    ``use_keypoints_as_points`` and the two optional extras ``max_hole_area`` /
+    ``max_sprinkle_area`` (low-resolution pixels, 0 = off; not in Roboflow's manifest) take a literal
+    or a ``$inputs.<name>`` selector."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -54,8 +57,11 @@ class SegmentAnything2Manifest(BaseModel):
     threshold: Union[InputSelector, StrictFloat, StrictInt] = 0.0
     multimask_output: Union[InputSelector, StrictBool] = True
     use_keypoints_as_points: Union[InputSelector, StrictBool] = False
+    max_hole_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
+    max_sprinkle_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
 
-    @field_validator("version", "threshold", "multimask_output", "use_keypoints_as_points", mode="before")
+    @field_validator("version", "threshold", "multimask_output", "use_keypoints_as_points", "max_hole_area",
+                     "max_sprinkle_area", mode="before")
     @classmethod
     def _selector_or_literal(cls, value):
         return _parameter(value)
@@ -72,7 +78,8 @@ class SegmentAnything2Manifest(BaseModel):
         return {"predictions": OUTPUT_KIND}
 
     def parameters(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("version", "threshold", "multimask_output", "use_keypoints_as_points")}
+        return {k: getattr(self, k) for k in ("version", "threshold", "multimask_output", "use_keypoints_as_points",
+                                              "max_hole_area", "max_sprinkle_area")}
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class StepParameters:
     threshold: float = 0.0
     multimask_output: bool = True
     use_keypoints_as_points: bool = False
+    max_hole_area: int = 0
+    max_sprinkle_area: int = 0
 
     def __post_init__(self):
         # Values bound from $inputs arrive untyped: check them as the manifest checks literals.
@@ -93,6 +102,8 @@ class StepParameters:
         for name in ("multimask_output", "use_keypoints_as_points"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("max_hole_area", "max_sprinkle_area"):
+            check_region_area(name, getattr(self, name))
 
 
 def prompts_for(detections: sv.Detections, use_keypoints: bool) -> list[Prompt]:
@@ -126,7 +137,9 @@ def segment_images(
         else:
             prompts = prompts_for(boxes[i], params.use_keypoints_as_points)
             class_ids, class_names, parent_ids = prompt_fields(boxes[i])
-            result = engine.predict_prompts(emb, prompts, multimask_output=params.multimask_output)
+            result = engine.predict_prompts(emb, prompts, multimask_output=params.multimask_output,
+                                            max_hole_area=params.max_hole_area,
+                                            max_sprinkle_area=params.max_sprinkle_area)
             dets = masks_to_detections(result.masks, result.scores, class_ids, class_names, parent_ids, params.threshold)
         out.append(attach_image_metadata(dets, image.shape[:2], image_ids[i]))
     return out
