@@ -298,8 +298,8 @@ def test_engines_with_different_weights_share_a_cache_safely(tiny_engine):
     import copy
 
     tuned = copy.deepcopy(tiny_engine.model)
-    with torch.no_grad():
-        tuned.vision_encoder.neck.convs[0].weight.mul_(1.5)
+    with torch.no_grad():  # a fine-tune that changed one element of one trunk block
+        tuned.vision_encoder.backbone.blocks[5].mlp.proj_out.weight[3, 7] += 0.5
     other = Sam2Engine(tuned, tiny_engine.spec, device="cpu", dtype="float32", cache=tiny_engine.cache)
     image = random_image(96, 128, seed=21)
     a = tiny_engine.embed([image])[0]
@@ -307,3 +307,33 @@ def test_engines_with_different_weights_share_a_cache_safely(tiny_engine):
     assert a.key != b.key
     assert not torch.allclose(a.image_embed, b.image_embed)
     assert tiny_engine.embed([image])[0] is a  # each engine still hits its own entry
+
+
+def test_fingerprint_changes_with_any_weight(tiny_engine):
+    """One element of any parameter or buffer changes the fingerprint (a sample across the network,
+    from every top-level module, plus the first and last tensors)."""
+    import copy
+
+    from sam2flow.engine.engine import weights_fingerprint
+
+    model = copy.deepcopy(tiny_engine.model)
+    base = weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model)) == base  # a copy hashes the same
+    state = model.state_dict()
+    names = sorted(state)
+    rng = np.random.default_rng(0)
+    picks = {names[0], names[-1], *rng.choice(names, 10, replace=False)}
+    for prefix in ("vision_encoder.backbone.", "vision_encoder.neck.", "prompt_encoder.", "mask_decoder."):
+        picks.add(next(n for n in names if n.startswith(prefix) and state[n].numel() > 1))
+    with torch.no_grad():
+        for name in sorted(picks):
+            t = state[name]
+            if not t.dtype.is_floating_point:
+                continue
+            flat = t.view(-1)
+            i = int(rng.integers(flat.numel()))
+            old = flat[i].clone()
+            flat[i] = old + 1e-3 * (1 + old.abs())
+            assert weights_fingerprint(model) != base, name
+            flat[i] = old
+    assert weights_fingerprint(model) == base

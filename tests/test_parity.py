@@ -9,7 +9,7 @@ import torch
 from sam2flow import Sam2Engine
 from sam2flow.models.registry import get_spec
 
-from conftest import build_reference, mask_iou, random_image
+from conftest import build_reference, connected_components, mask_iou, random_image
 
 IOU_BAR = 0.999
 SCORE_TOL = 1e-4
@@ -112,6 +112,35 @@ def test_mask_input_parity(make_checkpoint):
     ours = engine.predict(emb, boxes=boxes, mask_input=first.low_res_logits, multimask_output=False)
     ref = reference_best(predictor, box=boxes, mask_input=first.low_res_logits[:, None], multimask_output=False)
     assert_parity(ours, ref)
+
+
+@pytest.mark.parametrize("hole, sprinkle", [(60, 0), (0, 60), (400, 400)])
+def test_hole_and_sprinkle_removal_match_the_reference(make_checkpoint, monkeypatch, hole, sprinkle):
+    """``max_hole_area`` / ``max_sprinkle_area`` equal Meta's predictor built with the same values, its
+    CUDA connected-components kernel replaced by an equivalent CPU one."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    calls = []
+
+    def kernel(mask):
+        calls.append(mask.shape)
+        return connected_components(mask)
+
+    monkeypatch.setattr("sam2.utils.misc.get_connected_components", kernel)
+    engine, _ = make_pair(make_checkpoint, "hiera_tiny", "sam2.1")
+    predictor = SAM2ImagePredictor(build_reference(get_spec("hiera_tiny", "sam2.1")), max_hole_area=hole,
+                                   max_sprinkle_area=sprinkle)
+    hw, boxes, points, labels = SCENES["odd_333x517"]
+    image = random_image(*hw, seed=11)
+    predictor.set_image(image)
+    emb = engine.embed([image])[0]
+    boxes = np.asarray(boxes, np.float32)
+    ours = engine.predict(emb, boxes=boxes, max_hole_area=hole, max_sprinkle_area=sprinkle)
+    assert_parity(ours, reference_best(predictor, box=boxes))
+    assert calls, "the reference did not run its post-processing"
+    plain = engine.predict(emb, boxes=boxes)
+    assert any(mask_iou(a, b) < 1.0 for a, b in zip(ours.masks, plain.masks)), "nothing was removed: proves nothing"
+    np.testing.assert_array_equal(ours.low_res_logits, plain.low_res_logits)  # logits are returned as decoded
 
 
 @pytest.mark.parametrize("multimask", [True, False])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sam2flow import Sam2Engine
 
@@ -25,13 +26,18 @@ def test_bfloat16_encoder_keeps_masks(tiny_checkpoint, tiny_engine):
 
 
 def test_cache_keeps_precisions_apart(tiny_checkpoint, tiny_engine):
-    """A float32 and a bfloat16 engine sharing one cache never hand each other embeddings."""
-    bf16 = Sam2Engine(tiny_engine.model.__class__(tiny_engine.model.config), tiny_engine.spec, device="cpu",
-                      dtype="bfloat16", cache=tiny_engine.cache)
+    """A float32 and a bfloat16 engine on the same weights, sharing one cache, never hand each other
+    embeddings: only the precision tells their keys apart."""
+    import copy
+
+    bf16 = Sam2Engine(copy.deepcopy(tiny_engine.model), tiny_engine.spec, device="cpu", dtype="bfloat16",
+                      cache=tiny_engine.cache)
     image = random_image(64, 64, seed=9)
     a = tiny_engine.embed([image])[0]
     b = bf16.embed([image])[0]
-    assert a.key != b.key
+    assert a.key != b.key and b is not a
+    assert not torch.equal(a.image_embed, b.image_embed)  # b was computed by the bf16 encoder
+    assert bf16.embed([image])[0] is b and tiny_engine.embed([image])[0] is a
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float64"])
