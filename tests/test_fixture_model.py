@@ -24,7 +24,7 @@ from sam2flow import Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig, generate_masks
 from sam2flow.engine.prompts import PromptArrays
 from sam2flow.engine.transforms import upsample_masks
-from sam2flow.formats import detections_to_predictions, predictions_to_detections, rle_to_mask
+from sam2flow.formats import detections_to_predictions, polygons_to_mask, predictions_to_detections, rle_to_mask
 from sam2flow.testing import fixture
 from sam2flow.testing.demo import DEMO_DEFINITION, scene_detections
 from sam2flow.testing.scenes import make_scene
@@ -169,6 +169,10 @@ def test_fixture_and_demo_commands(tmp_path):
     scene = make_scene(3, size=(480, 640))
     names = [p["class"] for p in result["predictions"]["predictions"]]
     assert names == list(scene.kinds)
+    # the demo cleans its masks (max_hole_area / max_sprinkle_area): each mask's box is its shape's box,
+    # not stretched by a stray speck far away (the lower-left rectangle's box spanned most of the image)
+    for p, (x1, y1, x2, y2) in zip(result["predictions"]["predictions"], scene.boxes):
+        assert abs(p["width"] - (x2 - x1)) <= 8 and abs(p["height"] - (y2 - y1)) <= 8, (p["class"], p)
     annotated = np.asarray(Image.open(tmp_path / "demo" / "annotated.png"))
     assert annotated.shape == (480, 640, 3) and not np.array_equal(annotated, scene.image)
     assert "mean IoU" in run.stdout
@@ -197,6 +201,12 @@ def test_server_with_inference_sdk_segments_the_shapes(fixture_server, tmp_path)
     masks = [rle_to_mask(p["masks"]) for p in result["predictions"]]
     ious = [mask_iou(m, t) for m, t in zip(masks, scene.masks)]
     assert len(masks) == len(scene) and np.mean(ious) >= SCENE_BAR, ious
+    # the polygon format draws the same shapes: each polygon set, filled, covers the RLE mask
+    polygons = client.sam2_segment_image(str(path), prompts=prompts)["predictions"]
+    assert [p["format"] for p in polygons] == ["polygon"] * len(scene)
+    for p, mask in zip(polygons, masks):
+        filled = polygons_to_mask([np.asarray(poly, np.float32) for poly in p["masks"]], *mask.shape)
+        assert mask_iou(filled, mask) >= 0.95, mask_iou(filled, mask)
     wire = {"image": {"width": 480, "height": 360},
             "predictions": detections_to_predictions(scene_detections(scene))}
     out = client.run_workflow(specification=DEMO_DEFINITION, images={"image": str(path)},
