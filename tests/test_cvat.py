@@ -118,7 +118,10 @@ def check_interactor_answer(answer: dict, hw: tuple[int, int]) -> np.ndarray:
     rows = answer["mask"]
     assert len(rows) == y1 - y0 + 1 and all(len(r) == x1 - x0 + 1 for r in rows)
     assert set(np.unique(rows).tolist()) <= {0, 255}
-    return cvat.mask_from_interactor_answer(answer, hw)
+    mask = cvat.mask_from_interactor_answer(answer, hw)
+    ys, xs = np.nonzero(mask)
+    assert [x0, y0, x1, y1] == [xs.min(), ys.min(), xs.max(), ys.max()]  # the tight box, inclusive
+    return mask
 
 
 class EncoderCounter:
@@ -215,6 +218,11 @@ def test_detector_answers_mask_shapes_that_decode_to_the_engines_masks(engine, s
         assert shape["type"] == "mask" and shape["label"] == "thing"
         assert shape["confidence"] == pytest.approx(float(want.scores[i]))
         assert np.array_equal(cvat.mask_from_detector_shape(shape, scene.size), want.masks[i])
+        ys, xs = np.nonzero(want.masks[i])
+        x0, y0, x1, y1 = shape["mask"][-4:]
+        assert [x0, y0, x1, y1] == [xs.min(), ys.min(), xs.max(), ys.max()]  # the tight box, inclusive
+        crop = want.masks[i][y0 : y1 + 1, x0 : x1 + 1]
+        assert shape["mask"][:-4] == crop.astype(int).ravel().tolist()  # row by row, as CVAT's to_cvat_mask
         outline = np.array(shape["points"]).reshape(-1, 2)
         assert len(outline) >= 3 and want.masks[i][outline[:, 1].astype(int), outline[:, 0].astype(int)].all()
     cut = float(np.median(want.scores[kept]))
@@ -263,6 +271,13 @@ def test_bodies_that_are_no_request(engine, body, words):
         assert status == 400 and words in answer["error"], answer
 
 
+class BrokenEngine:
+    """An engine failing as a real one can (out of memory): the worker must answer, not crash."""
+
+    def embed(self, images):
+        raise RuntimeError("CUDA out of memory")
+
+
 def test_limits_and_failures_are_answered_not_raised(engine, scene, frame):
     small = nuclio_context(cvat.CvatFunction(engine, max_pixels=100 * 100))
     status, answer = call(small, interactor_body(frame, [interior(scene.masks[0])]))
@@ -272,6 +287,8 @@ def test_limits_and_failures_are_answered_not_raised(engine, scene, frame):
     status, answer = call(nuclio_context(cvat.CvatFunction(engine)),
                           {**interactor_body(frame, [interior(scene.masks[0])]), "threshold": 1.0})
     assert status == 422 and "below threshold" in answer["error"]
+    status, answer = call(nuclio_context(cvat.CvatFunction(BrokenEngine())), interactor_body(frame, [[10, 10]]))
+    assert status == 500 and answer["error"] == "internal error: RuntimeError: CUDA out of memory"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     remote = cvat.CvatFunction(RemoteEngine(url, "hiera_tiny", retries=1), reuse_logits=False)
     status, answer = call(nuclio_context(remote), interactor_body(frame, [[10, 10]]))
@@ -310,7 +327,7 @@ def test_function_yaml_has_what_cvats_lambda_manager_reads():
         assert http[0]["attributes"]["maxRequestBodySize"] >= 32 << 20
         assert spec["build"]["baseImage"] in deploy_script and spec["build"]["image"], file
         if ann["type"] == "interactor":
-            assert int(ann["version"]) >= 2, file  # CVAT's UI refuses older interactor APIs
+            assert int(ann.get("version", "1")) >= 2, file  # CVAT's UI refuses older interactor APIs
             assert int(ann["min_pos_points"]) >= 0 and int(ann["min_neg_points"]) >= 0, file
             assert ann["help_message"], file
         else:
@@ -379,6 +396,11 @@ def test_forwarding_to_a_running_sam2flow_server(engine, scene, frame, checkpoin
             got = check_interactor_answer(answer, scene.size)
             want = engine.predict_prompts(emb, [Prompt(points=[click], labels=[1])]).masks[0]
             assert mask_iou(got, want) >= 0.99 and mask_iou(got, scene.masks[k]) >= TRUE_SHAPE_BAR
+        # A click extending the last ones: the server keeps its logits, so none are sent along.
+        status, answer = call(context, interactor_body(frame, [click], [[5.5, 5.5]]))
+        assert status == 200, answer
+        want = engine.predict_prompts(emb, [Prompt(points=[click, [5.5, 5.5]], labels=[1, 0])], False).masks[0]
+        assert mask_iou(check_interactor_answer(answer, scene.size), want) >= 0.99
         status, answer = call(context, interactor_body(frame, [[490, 10]]))
         assert status == 400 and "outside" in answer["error"]  # checked here, before any upload
     finally:
