@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Deploy the sam2flow SAM2 functions to the nuclio of a self-hosted CVAT, the way CVAT's own
-# serverless/deploy_cpu.sh deploys its functions (project "cvat", local platform, CVAT's network).
+# serverless/deploy_cpu.sh deploys its functions (project "cvat", local platform, CVAT's network;
+# read in cvat-ai/cvat at 5229a57d12d1).
 #
 #   deploy/cvat/deploy.sh                                   # all three: clicks, box first, detector
 #   deploy/cvat/deploy.sh deploy/cvat/sam2/function.yaml    # only some

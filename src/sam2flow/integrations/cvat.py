@@ -24,7 +24,8 @@ the shape cropped to its inclusive bounding box, flattened row by row as 0/1, wi
 
 ``threshold`` (optional for both; CVAT's UI sends it to detectors only) is the least predicted IoU
 of an answered mask. Bad requests get ``{"error": message}`` with a 4xx status (400, or 413 for an
-image over the pixel limit, 422 when a valid prompt finds no object); nothing raises.
+image over the pixel limit, 422 when a valid prompt finds no object); ``handler`` never raises
+(500 for an internal failure, 502 when the forwarding server fails).
 
 Where the protocol was read (github.com/cvat-ai/cvat, the stored copy of each file at the commit
 given; reference only, no code taken):
