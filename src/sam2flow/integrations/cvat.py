@@ -73,7 +73,7 @@ from ..engine.cache import EmbeddingCache, content_hash
 from ..engine.engine import Prediction
 from ..engine.prompts import Prompt
 from ..formats import mask_to_polygons
-from ..workflows.inputs import ImageTooLarge, decode_base64_image  # the project's one image decoder
+from ..images import ImageLimits, ImageTooLarge, decode_base64_image  # the project's one image decoder
 from ..workflows.remote import RemoteStepError
 
 KINDS = ("interactor", "detector")
@@ -153,7 +153,7 @@ def read_image(body: Mapping, max_pixels: int) -> np.ndarray:
     if not isinstance(text, str):
         raise CvatRequestError(f"field 'image' must be a base64 string, got {type(text).__name__}")
     try:
-        return decode_base64_image(text, "image", max_pixels)
+        return decode_base64_image(text, "image", ImageLimits(max_pixels=max_pixels))
     except ImageTooLarge as e:
         raise CvatRequestError(str(e), 413) from None
     except ValueError as e:
