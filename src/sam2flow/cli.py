@@ -212,7 +212,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
-                        "float32 gives the reference's numbers exactly")
+                        "float32 gives the reference's masks")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
 
 
