@@ -213,3 +213,35 @@ def test_partly_outside_box_is_clipped(server, tiny_engine):
     emb = tiny_engine.embed([IMAGE])[0]
     want = tiny_engine.predict_prompts(emb, [Prompt(box=[250, 180, 320, 240])]).masks[0]
     assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]), want)
+
+
+def test_mask_cleanup_options_reach_the_engine(server, tiny_engine):
+    """``max_hole_area`` / ``max_sprinkle_area`` on /sam2/segment_image and as the step's extra fields
+    give the engine's masks for the same values (random weights: ragged masks, so they change)."""
+    emb = tiny_engine.embed([IMAGE])[0]
+    want = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES], max_hole_area=60, max_sprinkle_area=60)
+    plain = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES])
+    assert any(not np.array_equal(a, b) for a, b in zip(want.masks, plain.masks)), "nothing to clean: proves nothing"
+    body = {**GOOD, "format": "rle", "prompts": [box_prompt(b) for b in BOXES], "max_hole_area": 60,
+            "max_sprinkle_area": 60}
+    r = post(server, "/sam2/segment_image", body)
+    assert r.status_code == 200, r.text[:300]
+    for p, mask in zip(r.json()["predictions"], want.masks):
+        assert np.array_equal(rle_to_mask(p["masks"]), mask)
+    spec = {**BOXES_WORKFLOW, "steps": [{**BOXES_WORKFLOW["steps"][0], "max_hole_area": 60, "max_sprinkle_area": 60}]}
+    dets = {"image": {"width": 320, "height": 240},
+            "predictions": [{**box_prompt(b)["box"], "class": "a", "class_id": 0, "detection_id": f"b{i}"}
+                            for i, b in enumerate(BOXES)]}
+    r = post(server, "/workflows/run", {"specification": spec, "inputs": {"image": GOOD["image"], "boxes": dets}})
+    assert r.status_code == 200, r.text[:300]
+    preds = r.json()["outputs"][0]["masks"]["predictions"]
+    from sam2flow.formats import detections_to_predictions, predictions_to_detections
+    from sam2flow.workflows.step import StepParameters, segment_images
+
+    local = segment_images(tiny_engine, [IMAGE], ["image"], [predictions_to_detections(dets, IMAGE.shape[:2])],
+                           StepParameters(max_hole_area=60, max_sprinkle_area=60))[0]
+    expected = detections_to_predictions(local)
+    assert len(preds) == len(expected) >= 1
+    for got, exp in zip(preds, expected):
+        for key in ("x", "y", "width", "height", "confidence", "points"):
+            assert got[key] == pytest.approx(exp[key], abs=1e-4), key
