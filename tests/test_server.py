@@ -118,6 +118,19 @@ def test_embed_then_segment_by_image_id_and_refine_with_cached_logits(server, ti
     assert np.array_equal(arrays["masks"][0], want1.masks[0]) and arrays["low_res_logits"].shape == (1, 256, 256)
 
 
+def test_embed_without_image_id_answers_the_content_hash(server, tiny_engine):
+    from sam2flow.engine.cache import content_hash
+
+    image = random_image(120, 150, seed=43)
+    r = post(server, "/sam2/embed_image", {"image": {"type": "base64", "value": b64(image)}})
+    assert r.status_code == 200 and r.json()["image_id"] == content_hash(image)
+    r = post(server, "/sam2/segment_image", {"image_id": r.json()["image_id"], "format": "rle",
+                                             "prompts": [box_prompt([20, 30, 110, 100])]})
+    assert r.status_code == 200, r.text
+    want = tiny_engine.predict(tiny_engine.embed([image])[0], boxes=[[20, 30, 110, 100]])
+    assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]), want.masks[0])
+
+
 def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
     images = [random_image(200 + 8 * i, 260, seed=100 + i) for i in range(16)]
     box = [30, 30, 150, 150]

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .engine import LOW_RES, ImageEmbedding, Sam2Engine
-from .prompts import PromptArrays
+from .types import LOW_RES, ImageEmbedding, LowResDecoder, PromptArrays
 
 # The reference's predictor finds holes and specks at its own mask threshold (0.0, not the
 # generator's ``mask_threshold``) and overwrites them with logits 10 above or below it.
@@ -123,7 +122,7 @@ class AutomaticResult:
         return len(self.scores)
 
     @classmethod
-    def empty(cls, hw: tuple[int, int]) -> "AutomaticResult":
+    def empty(cls, hw: tuple[int, int]) -> AutomaticResult:
         h, w = hw
         f = np.float32
         return cls(np.zeros((0, h, w), bool), np.zeros(0, f), np.zeros(0, f), np.zeros((0, 4), f), np.zeros((0, 2), f))
@@ -218,8 +217,13 @@ def _upsample(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(low_res[:, None].float(), hw, mode="bilinear", align_corners=False)[:, 0]
 
 
-def generate_masks(engine: Sam2Engine, embedding: ImageEmbedding, config: AutomaticConfig = AutomaticConfig()) -> AutomaticResult:
-    """Segment everything in one embedded image (see the module's docstring for the steps)."""
+def generate_masks(
+    engine: LowResDecoder, embedding: ImageEmbedding, config: AutomaticConfig = AutomaticConfig()
+) -> AutomaticResult:
+    """Segment everything in one embedded image (see the module's docstring for the steps).
+
+    ``engine``: anything that decodes low-resolution candidates (``Sam2Engine``; ``LowResDecoder``).
+    """
     if not isinstance(config, AutomaticConfig):
         raise ValueError(f"config must be an AutomaticConfig, got {type(config).__name__}")
     hw = tuple(int(v) for v in embedding.original_size)

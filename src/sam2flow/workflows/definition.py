@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..models.registry import VERSIONS
 from .step import DETECTION_KINDS, IMAGE_KIND, INPUT_SELECTOR, STEP_SELECTOR, STEP_TYPE, SegmentAnything2Manifest
 
 IMAGE_INPUTS = ("WorkflowImage", "InferenceImage")
@@ -109,7 +110,7 @@ def _parse_step(i: int, item: Any) -> SegmentAnything2Manifest:
 
 
 _EXPECTED = {
-    "version": "must be one of hiera_large, hiera_small, hiera_tiny, hiera_b_plus, or a $inputs.<name> selector",
+    "version": f"must be one of {', '.join(VERSIONS)}, or a $inputs.<name> selector",
     "threshold": "must be a number or a $inputs.<name> selector",
     "multimask_output": "must be true, false or a $inputs.<name> selector",
     "use_keypoints_as_points": "must be true, false or a $inputs.<name> selector",
