@@ -13,11 +13,14 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import supervision as sv
 import torch
+
+from sam2flow.formats import mask_iou
 
 from . import data
 from .timing import Measured, measure
@@ -145,7 +148,7 @@ def bf16_mask_iou(ours, ours_bf16) -> tuple[float, float]:
     for image, d in zip(images, dets):
         a = ours.predict(ours.embed([image])[0], boxes=d.xyxy).masks
         b = ours_bf16.predict(ours_bf16.embed([image])[0], boxes=d.xyxy).masks
-        ious.append(data.mask_iou(a, b))
+        ious.append(mask_iou(a, b))
     iou = np.concatenate(ious)
     return float(iou.mean()), float(iou.min())
 
@@ -230,7 +233,7 @@ def case_decode(ctx: Context) -> list[dict]:
             m = measure(fns, warmup, repeats, ctx.sync)
             ours_masks = m.last[OURS].masks
             ref_masks = m.last[REF][0]
-            iou = data.mask_iou(ours_masks, ref_masks)
+            iou = mask_iou(ours_masks, ref_masks)
             out += rows(ctx, f"{w}x{h}, {n} boxes", m, "ms/box", lambda t, n=n: 1000 * t / n, warmup=warmup,
                         mask_iou_vs_reference=float(iou.mean()), min_mask_iou_vs_reference=float(iou.min()))
             m.last.clear()
@@ -274,7 +277,7 @@ def step_iou(a: list[sv.Detections], b: list[sv.Detections]) -> tuple[float, int
         index = {pid: i for i, pid in enumerate(db.data["parent_id"])}
         for i, pid in enumerate(da.data["parent_id"]):
             if pid in index:
-                ious.append(data.mask_iou(da.mask[i : i + 1], db.mask[index[pid] : index[pid] + 1])[0])
+                ious.append(mask_iou(da.mask[i : i + 1], db.mask[index[pid] : index[pid] + 1])[0])
     return (float(np.mean(ious)) if ious else float("nan")), na, nb
 
 

@@ -139,12 +139,3 @@ def step_inputs(count: int, boxes_per_image: int = 10, hw: tuple[int, int] = (48
         images.append(s.image)
         dets.append(detections(boxes, s.kinds, len(s.boxes), f"img{i}"))
     return images, dets
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pair IoU of (N, H, W) bool masks (1 where both are empty)."""
-    a = a.reshape(len(a), -1).astype(bool)
-    b = b.reshape(len(b), -1).astype(bool)
-    inter = (a & b).sum(1)
-    union = (a | b).sum(1)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))

@@ -33,15 +33,6 @@ def _cpuinfo() -> list[dict[str, str]]:
     return blocks
 
 
-def cpu_flags() -> set[str]:
-    return set(precision.cpu_flags())
-
-
-def native_bf16_cpu() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16)."""
-    return precision.native_bf16(torch.device("cpu"))
-
-
 def physical_cores() -> int | None:
     """Distinct (package, core) pairs among the CPUs this process may run on."""
     info = _cpuinfo()
@@ -95,7 +86,7 @@ def load_average() -> list[float] | None:
 def facts(devices: list[str]) -> dict:
     """CPU, cores, threads, library versions, GPUs: everything a reader needs to weigh the numbers."""
     info = _cpuinfo()
-    flags = cpu_flags()
+    flags = precision.cpu_flags()
     out = {
         "cpu_model": (info[0].get("model name") if info else None) or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
@@ -104,8 +95,8 @@ def facts(devices: list[str]) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2", "avx512_fp16"}),
-        "native_bf16": native_bf16_cpu(),
+        "cpu_bf16_flags": sorted(flags & (precision.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
+        "native_bf16": precision.native_bf16(torch.device("cpu")),
         "memory_gib": memory_gib(),
         "load_average_at_start": load_average(),
         "os": platform.platform(),
@@ -123,14 +114,11 @@ def facts(devices: list[str]) -> dict:
             "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
             "cuda_version": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "bf16_supported": torch.cuda.is_bf16_supported(),
+            "bf16_supported": precision.native_bf16(torch.device("cuda")),
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         }
     return out
-
-
-bf16_native = precision.native_bf16
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5) -> float:

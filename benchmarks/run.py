@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import cases, data, machine as mach, report
+from sam2flow.engine import precision
+
+from . import cases, data, report
+from . import machine as mach
 from .timing import synchronizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +91,7 @@ def log(msg: str) -> None:
 
 def matmul_rates(device: torch.device) -> dict:
     out = {"n": mach.MATMUL_N, "fp32": mach.matmul_gflops(device, torch.float32)}
-    if mach.bf16_native(device):
+    if precision.native_bf16(device):
         out["bf16"] = mach.matmul_gflops(device, torch.bfloat16)
     else:
         out["bf16"] = None
@@ -101,7 +104,7 @@ def bf16_engine(args, ckpt, device: torch.device, ours, key: str, machine: dict)
     if args.no_bf16:
         machine["bf16"][key] = "skipped (--no-bf16)"
         return None, "skipped (--no-bf16)"
-    if not mach.bf16_native(device):
+    if not precision.native_bf16(device):
         note = ("skipped: this CPU has no avx512_bf16/amx_bf16, and emulated bf16 is ~100x slower"
                 if device.type == "cpu" else "skipped: this GPU does not support bf16")
         machine["bf16"][key] = note

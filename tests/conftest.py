@@ -18,6 +18,7 @@ import pytest
 import requests
 import torch
 
+from sam2flow.formats import mask_iou  # noqa: F401  (the tests import it from here)
 from sam2flow.models.registry import ModelSpec, get_spec
 
 # Tests never reach a hub.
@@ -88,12 +89,6 @@ def write_mixed_images(d) -> None:
     rgba = np.dstack([random_image(90, 120, seed=3), np.full((90, 120), 200, np.uint8)])
     Image.fromarray(rgba).save(d / "c_rgba.png")
     (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
 # A workflow of one SAM2 step: image + detections "boxes" in, "masks" out.

@@ -69,11 +69,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam2flow.engine.precision import native_bf16
+from sam2flow.engine.types import LOW_RES
+from sam2flow.formats import mask_iou
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / ".cache" / "fixture"
 EVAL_SEED_BASE = 1_000_000
 FEATURE_FORMAT = "1"
-LOW_RES = 256
 IMAGE_SIZE = 1024
 
 # Prompt kinds drawn per step: name → probability (``--prompt-mix`` changes it).
@@ -96,14 +99,6 @@ def parse_prompt_mix(text: str) -> dict[str, float]:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    from sam2flow.engine.precision import native_bf16
-
-    return native_bf16(torch.device("cpu"))
 
 
 # ---- feature cache ------------------------------------------------------------------------------
@@ -310,13 +305,6 @@ class Decoder(torch.nn.Module):
         return logits, iou, obj
 
 
-def _ious(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the last two dimensions (broadcast); two empty masks: 1."""
-    inter = (pred & gt).sum((-1, -2)).float()
-    union = (pred | gt).sum((-1, -2)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     """Per row and candidate: BCE + dice (R, C), and the real IoU of ``logits > 0`` (R, C)."""
     t = target.expand_as(logits)
@@ -324,7 +312,7 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
     with torch.no_grad():
-        iou = _ious(logits > 0, t > 0.5)
+        iou = mask_iou(logits > 0, t > 0.5)
     return bce + dice, iou
 
 
@@ -448,7 +436,7 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         ):
             logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
-            ious = _ious(up, torch.from_numpy(masks)[:, None])
+            ious = mask_iou(up, torch.from_numpy(masks)[:, None])
             if kind == "box":
                 box_ious += ious[torch.arange(n), iou.argmax(1)].tolist()
             else:
@@ -500,7 +488,7 @@ def train(args) -> None:
         log(f"starting from {args.init_from} (a new schedule): {args.scenes} scenes, {args.steps} steps planned")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
-    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {cpu_has_bf16()})")
+    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {native_bf16(torch.device('cpu'))})")
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
     kinds, probs = list(args.prompt_mix), np.array(list(args.prompt_mix.values()))
@@ -592,11 +580,11 @@ def evaluate(args) -> dict:
         boxes = np.stack([mask_to_box(m) for m in masks])
         boxes[:, 2:] += 1  # inclusive last pixel → the box's far edge
         pred = engine.predict(emb, boxes=boxes, multimask_output=True)
-        box_ious += _ious(torch.from_numpy(pred.masks), gt).tolist()
+        box_ious += mask_iou(torch.from_numpy(pred.masks), gt).tolist()
         clicks = np.stack([_sample_pixels(rng, m, 1) for m in masks])
         low, iou = engine.decode_low_res(emb, PromptArrays(None, clicks, np.ones((len(masks), 1), np.int32), None), True)
         cand = torch.stack([upsample_masks(low[:, c], hw) for c in range(low.shape[1])], 1)
-        per = torch.stack([_ious(cand[:, c], gt) for c in range(cand.shape[1])], 1)
+        per = torch.stack([mask_iou(cand[:, c], gt) for c in range(cand.shape[1])], 1)
         click_best3 += per.max(1).values.tolist()
         click_pred += per[torch.arange(len(per)), iou.argmax(1)].tolist()
         if args.auto_points_per_side > 0:
@@ -604,7 +592,7 @@ def evaluate(args) -> dict:
             total += len(masks)
             if len(auto):
                 am = torch.from_numpy(auto.masks)
-                found += sum(bool((_ious(am, g[None].expand_as(am)) >= 0.7).any()) for g in gt)
+                found += sum(bool((mask_iou(am, g[None].expand_as(am)) >= 0.7).any()) for g in gt)
         if (i + 1) % 5 == 0:
             log(f"eval: {i + 1}/{len(eval_seeds)} scenes, {(time.time() - t0) / (i + 1):.1f} s/scene")
     res = {
