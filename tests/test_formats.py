@@ -93,6 +93,28 @@ def test_box_conversions_round_trip():
 
 
 # ---------------------------------------------------------------------------
+# Mask IoU
+# ---------------------------------------------------------------------------
+
+
+def test_mask_iou_counts_pixels_and_broadcasts():
+    a, b = SHAPES["ellipse_large"], SHAPES["rect_rotated"]
+    want = (a & b).sum() / (a | b).sum()  # the definition, on pycocotools' side too:
+    coco = mask_utils.iou([mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))],
+                          [mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))], [0])[0, 0]
+    assert 0.1 < want < 0.9 and mask_iou(a, b) == pytest.approx(want) == pytest.approx(coco)
+    assert mask_iou(a.astype(np.uint8) * 255, a) == 1.0  # non-zero is True
+    empty = np.zeros((H, W), bool)
+    assert mask_iou(empty, empty) == 1.0 and mask_iou(empty, a) == 0.0
+    stack = np.stack([a, b, empty])
+    np.testing.assert_allclose(mask_iou(stack, stack[::-1]), [mask_iou(a, empty), 1.0, mask_iou(empty, a)])
+    np.testing.assert_allclose(mask_iou(stack, a), [1.0, want, 0.0])  # (N, H, W) against one (H, W)
+    torch = pytest.importorskip("torch")
+    got = mask_iou(torch.from_numpy(stack), torch.from_numpy(a))
+    assert got.dtype == torch.float32 and np.allclose(got.numpy(), [1.0, want, 0.0])
+
+
+# ---------------------------------------------------------------------------
 # RLE
 # ---------------------------------------------------------------------------
 
