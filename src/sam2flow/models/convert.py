@@ -2,8 +2,8 @@
 
 Every key of an original state dict is accounted for: it is renamed by exactly one rule, merged
 (the four point embeddings), or dropped because it belongs to the video-memory path that image
-segmentation never runs (an explicit list per family). Anything else is an error, and so is any
-``Sam2Model`` key left without a value.
+segmentation never runs (the exact keys of each family, from ``models/layout.py``). Anything else
+is an error, and so is any ``Sam2Model`` key left without a value.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import re
 
 import torch
 
-from .registry import VERSIONS, ModelSpec, get_spec
+from .layout import video_keys
+from .registry import FAMILIES, VERSIONS, ModelSpec, get_spec
 
 # (pattern, replacement), tried in order; the first full match wins.
 _RENAMES: list[tuple[re.Pattern, str]] = [
@@ -58,16 +59,10 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
 _POSITIONAL = "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 _POINT_EMBED = re.compile(r"sam_prompt_encoder\.point_embeddings\.(\d)\.weight")
 
-# Video-memory weights: present in the original checkpoints, never used on single images.
-_VIDEO_ONLY = {
-    "sam2": [
-        r"maskmem_tpos_enc", r"no_mem_pos_enc", r"no_obj_ptr",
-        r"mask_downsample\.(weight|bias)",
-        r"memory_attention\..+", r"memory_encoder\..+", r"obj_ptr_proj\..+",
-    ],
-}
-_VIDEO_ONLY["sam2.1"] = _VIDEO_ONLY["sam2"] + [r"no_obj_embed_spatial", r"obj_ptr_tpos_proj\.(weight|bias)"]
-_VIDEO_ONLY_RE = {f: re.compile("|".join(f"(?:{p})" for p in ps)) for f, ps in _VIDEO_ONLY.items()}
+# Video-memory weights: present in the original checkpoints, never used on single images. SAM 2.1
+# added two, which tell the families apart.
+_VIDEO_ONLY = {family: video_keys(family) for family in FAMILIES}
+_SAM2_1_ONLY = _VIDEO_ONLY["sam2.1"] - _VIDEO_ONLY["sam2"]
 
 
 class CheckpointError(ValueError):
@@ -78,11 +73,11 @@ def detect_spec(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, str | 
     """(version, family) of an original state dict; None for what cannot be told.
 
     The version follows from the trunk's depth and width; the family only from video-memory keys
-    (2.1 added ``no_obj_embed_spatial`` and ``obj_ptr_tpos_proj``).
+    (2.1 added ``no_obj_embed_spatial`` and ``obj_ptr_tpos_proj``; see ``models/layout.py``).
     """
-    if "no_obj_embed_spatial" in state_dict or "obj_ptr_tpos_proj.weight" in state_dict:
+    if not _SAM2_1_ONLY.isdisjoint(state_dict):
         family = "sam2.1"
-    elif any(k.startswith("memory_attention.") for k in state_dict):
+    elif not _VIDEO_ONLY["sam2"].isdisjoint(state_dict):
         family = "sam2"
     else:
         family = None
@@ -110,7 +105,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
             f"checkpoint is {found}, not the requested {spec.name}: pass the matching version and family "
             f"(version={version or spec.version!r}, family={family or spec.family!r}) or use the matching file"
         )
-    video = _VIDEO_ONLY_RE[spec.family]
+    video = _VIDEO_ONLY[spec.family]
     out: dict[str, torch.Tensor] = {}
     points: dict[int, torch.Tensor] = {}
     unknown: list[str] = []
@@ -122,7 +117,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
             out["shared_image_embedding.positional_embedding"] = value.clone()
         elif m := _POINT_EMBED.fullmatch(key):
             points[int(m.group(1))] = value
-        elif video.fullmatch(key):
+        elif key in video:
             continue
         else:
             for pattern, replacement in _RENAMES:
