@@ -12,8 +12,8 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ class Settings:
 
     @classmethod
     def make(cls, quick: bool, warmup: int | None = None, repeats: int | None = None,
-             step_images: int | None = None, points_per_side: int | None = None) -> "Settings":
+             step_images: int | None = None, points_per_side: int | None = None) -> Settings:
         if quick:
             s = cls(True, 1, 2, 0, 1, 1, 2, 1, 2, 1, 2, 16, 1, 1)
         else:
@@ -100,7 +100,8 @@ class Context:
 
         return call
 
-    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any], ours_bf16: Callable[[], Any] | None = None) -> dict:
+    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any],
+                    ours_bf16: Callable[[], Any] | None = None) -> dict:
         fns = {OURS: ours, REF: self.ref(ref)}
         if ours_bf16 is not None and self.ours_bf16 is not None:
             fns[OURS_BF16] = ours_bf16
@@ -194,7 +195,8 @@ def case_embed(ctx: Context) -> list[dict]:
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)
         made = rows(ctx, f"batch {batch}", m, "s/image", lambda t, b=batch: t / b, warmup=warmup,
-                    encoder_gflop_per_image=gflop, bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
+                    encoder_gflop_per_image=gflop,
+                    bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
         for r in made:
             r["achieved_gflops"] = gflop / r["ours"]
             r["reference_gflops"] = gflop / r["reference"]
@@ -225,7 +227,7 @@ def case_decode(ctx: Context) -> list[dict]:
             ctx.predictor.set_image(sc.image)
         for n in (10, 100):
             boxes = data.detector_boxes(sc.boxes, (h, w), n, seed)
-            fns = ctx.competitors(lambda b=boxes: ctx.ours.predict(emb, boxes=b),
+            fns = ctx.competitors(lambda b=boxes, e=emb: ctx.ours.predict(e, boxes=b),
                                   lambda b=boxes: reference_decode(ctx.predictor, b))
             warmup = s.decode_warmup if n == 10 else 0
             repeats = s.decode_repeats if n == 10 else s.decode_repeats_100
@@ -346,7 +348,8 @@ def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log) -> list[dict]:
+def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int,
+                log) -> list[dict]:
     """Peak resident memory of the step case, each side alone in a fresh process."""
     n = settings.step_images
     log(f"memory: step on {n} images, ours and the reference each in its own process")

@@ -80,7 +80,8 @@ def load_reference(ckpt: Checkpoint, device: str):
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model = build_sam2(get_spec(ckpt.version, ckpt.family).meta_config, ckpt_path=str(ckpt.path), device=device, mode="eval")
+    spec = get_spec(ckpt.version, ckpt.family)
+    model = build_sam2(spec.meta_config, ckpt_path=str(ckpt.path), device=device, mode="eval")
     return model, SAM2ImagePredictor(model)
 
 

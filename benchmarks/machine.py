@@ -56,7 +56,8 @@ def _version(dist: str) -> str | None:
 def _git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -102,7 +103,8 @@ def facts(devices: list[str]) -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in
-                     ("torch", "transformers", "sam2", "sam2flow", "supervision", "numpy", "opencv-python", "matplotlib")},
+                     ("torch", "transformers", "sam2", "sam2flow", "supervision", "numpy", "opencv-python",
+                      "matplotlib")},
         "mkldnn": torch.backends.mkldnn.is_available(),
         "mkl": torch.backends.mkl.is_available(),
         "git_revision": _git_revision(),

@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     cores = machine["physical_cores"] or machine["logical_cpus"] or 1
     if load and load[0] > 0.25 * cores:
         machine["busy_warning"] = (f"load average {load[0]} on {cores} cores when the run started: other work "
-                                   f"competes for the CPU, timings are noisy (ratios less so, as both sides are interleaved)")
+                                   "competes for the CPU, timings are noisy (ratios less so, as both sides are "
+                                   "interleaved)")
         log("WARNING: " + machine["busy_warning"])
     if machine["physical_cores"] and machine["torch_threads"] > machine["physical_cores"]:
         log(f"note: torch uses {machine['torch_threads']} threads on {machine['physical_cores']} physical cores")
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
 
     results: dict[str, dict] = {c: {} for c in ALL_CASES if c in args.cases}
     tmp = None
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-"))
+    ckpt_dir = (Path(args.checkpoint_dir) if args.checkpoint_dir
+                else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-")))
     try:
         for size in args.sizes:
             log(f"{size}: preparing the checkpoint")
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
                     for e in cases.case_memory(size, ckpt, device, settings, args.threads, log):
                         key = f"{d} {size} {e['config']}"
                         results["memory"][key] = e
-                        log(f"  memory {key}: ours {report.fmt(e['ours'])} MiB, reference {report.fmt(e['reference'])} MiB")
+                        log(f"  memory {key}: ours {report.fmt(e['ours'])} MiB, "
+                            f"reference {report.fmt(e['reference'])} MiB")
     finally:
         if tmp is not None:
             import shutil

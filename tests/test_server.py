@@ -14,8 +14,8 @@ from PIL import Image
 from sam2flow import Prompt
 from sam2flow.formats import rle_to_mask
 
-from conftest import SERVER_API_KEY as API_KEY
 from conftest import BOXES_WORKFLOW, mask_iou, random_image
+from conftest import SERVER_API_KEY as API_KEY
 
 inference_sdk = pytest.importorskip("inference_sdk")
 
@@ -169,23 +169,25 @@ HUGE = np.zeros((2100, 2100, 3), np.uint8)
         ("missing image", "/sam2/segment_image", {"prompts": [box_prompt(BOXES[0])]}, 400, "no image"),
         ("corrupt base64", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": "@@@"}}, 400, "base64"),
         ("not an image", "/sam2/segment_image",
-         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400, "not a readable"),
+         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400,
+         "not a readable"),
         ("1x1 image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(IMAGE[:1, :1])}},
          400, "smaller than"),
         ("oversized image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(HUGE)}}, 413,
          "over the limit"),
-        ("nan box", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]},
-         422, "finite"),
+        ("nan box", "/sam2/segment_image",
+         {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]}, 422, "finite"),
         ("inverted box", "/sam2/segment_image",
          {**GOOD, "prompts": [{"box": {"x": 50, "y": 50, "width": -10, "height": 10}}]}, 400, "inverted"),
         ("box outside", "/sam2/segment_image",
          {**GOOD, "prompts": [{"box": {"x": 1000, "y": 1000, "width": 10, "height": 10}}]}, 400, "outside"),
-        ("non-numeric", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "a", "y": 1, "width": 4, "height": 4}}]},
-         422, "x"),
+        ("non-numeric", "/sam2/segment_image",
+         {**GOOD, "prompts": [{"box": {"x": "a", "y": 1, "width": 4, "height": 4}}]}, 422, "x"),
         ("too many prompts", "/sam2/segment_image", {**GOOD, "prompts": [box_prompt(BOXES[0])] * 21}, 400, "limit"),
         ("unknown version", "/sam2/segment_image", {**GOOD, "sam2_version_id": "hiera_huge"}, 400, "hiera_huge"),
         ("unknown format", "/sam2/segment_image", {**GOOD, "format": "tiff"}, 422, "format"),
-        ("file url", "/sam2/segment_image", {**GOOD, "image": {"type": "url", "value": "file:///etc/passwd"}}, 400, "URL"),
+        ("file url", "/sam2/segment_image", {**GOOD, "image": {"type": "url", "value": "file:///etc/passwd"}}, 400,
+         "URL"),
         ("ftp url", "/sam2/embed_image", {"image": {"type": "url", "value": "ftp://x/y.png"}}, 400, "URL"),
         ("bad selector", "/workflows/run", {"specification": {"inputs": [{"type": "WorkflowImage", "name": "image"}],
          "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "s", "images": "$inputs.nope"}],

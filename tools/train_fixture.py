@@ -171,7 +171,8 @@ def featurize(cache: FeatureCache, seeds: list[int], encoder_seed: int, what: st
         cache.put(seed, emb, scene.masks)
         if (i + 1) % 10 == 0 or i + 1 == len(todo):
             rate = (time.time() - t0) / (i + 1)
-            log(f"features: {i + 1}/{len(todo)} {what} scenes, {rate:.2f} s/scene, ~{rate * (len(todo) - i - 1) / 60:.0f} min left")
+            left = rate * (len(todo) - i - 1) / 60
+            log(f"features: {i + 1}/{len(todo)} {what} scenes, {rate:.2f} s/scene, ~{left:.0f} min left")
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -432,7 +433,8 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         corners = torch.from_numpy(np.stack([boxes[:, :2], boxes[:, 2:] + 1], 1))
         for kind, c, l in (
             ("box", corners, torch.tensor([[2, 3]]).expand(n, 2)),
-            ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])), torch.ones(n, 1, dtype=torch.int64)),
+            ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])),
+             torch.ones(n, 1, dtype=torch.int64)),
         ):
             logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
@@ -488,7 +490,8 @@ def train(args) -> None:
         log(f"starting from {args.init_from} (a new schedule): {args.scenes} scenes, {args.steps} steps planned")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
-    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {native_bf16(torch.device('cpu'))})")
+    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} "
+        f"(CPU has native bf16: {native_bf16(torch.device('cpu'))})")
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
     kinds, probs = list(args.prompt_mix), np.array(list(args.prompt_mix.values()))
@@ -582,7 +585,8 @@ def evaluate(args) -> dict:
         pred = engine.predict(emb, boxes=boxes, multimask_output=True)
         box_ious += mask_iou(torch.from_numpy(pred.masks), gt).tolist()
         clicks = np.stack([_sample_pixels(rng, m, 1) for m in masks])
-        low, iou = engine.decode_low_res(emb, PromptArrays(None, clicks, np.ones((len(masks), 1), np.int32), None), True)
+        click_prompts = PromptArrays(None, clicks, np.ones((len(masks), 1), np.int32), None)
+        low, iou = engine.decode_low_res(emb, click_prompts, True)
         cand = torch.stack([upsample_masks(low[:, c], hw) for c in range(low.shape[1])], 1)
         per = torch.stack([mask_iou(cand[:, c], gt) for c in range(cand.shape[1])], 1)
         click_best3 += per.max(1).values.tolist()
@@ -608,7 +612,8 @@ def evaluate(args) -> dict:
     print(f"  box-prompt mean IoU (best of 3 by predicted IoU)  {res['box_miou']:.4f}   (target >= 0.85)")
     print(f"  one positive click, best-of-three IoU           {res['click_best_of_3']:.4f}   (target >= 0.60)")
     print(f"  one positive click, mask picked by predicted IoU {res['click_by_predicted_iou']:.4f}")
-    print(f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   (target >= 0.70; "
+    print(f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   "
+          "(target >= 0.70; "
           f"{args.auto_points_per_side}² grid)")
     print(f"  all targets met: {ok}")
     return res
@@ -680,7 +685,8 @@ def main(argv=None) -> None:
     p.add_argument("--pct-start", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--prompt-mix", type=parse_prompt_mix, default=PROMPT_KINDS, metavar="KIND=W,...",
-                   help=f"prompt kinds' weights per step (default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
+                   help="prompt kinds' weights per step "
+                        f"(default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
     p.add_argument("--full-res-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="loss on logits upsampled to the image size against binary masks (default) "
                         "instead of 256 x 256 against area-downsampled ones")

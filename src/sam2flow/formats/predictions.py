@@ -310,7 +310,8 @@ def _data_arrays(parsed: list[dict]) -> dict[str, np.ndarray]:
             array[:] = values
             data[key] = array
     if any("keypoints_xy" in p for p in parsed):
-        for key, empty in (("keypoints_xy", np.zeros((0, 2), np.float32)), ("keypoints_confidence", np.zeros(0, np.float32))):
+        empties = {"keypoints_xy": np.zeros((0, 2), np.float32), "keypoints_confidence": np.zeros(0, np.float32)}
+        for key, empty in empties.items():
             array = np.empty(len(parsed), dtype=object)
             array[:] = [p.get(key, empty) for p in parsed]
             data[key] = array

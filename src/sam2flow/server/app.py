@@ -161,7 +161,8 @@ def _with_cached_logits(prompts: list[Prompt], cached) -> list[Prompt]:
     for i, p in enumerate(prompts):
         sig = _signature(p)
         old = old_signatures[i] if i < len(old_signatures) else None
-        extends = old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1] and sig[2][: len(old[2])] == old[2]
+        extends = (old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1]
+                   and sig[2][: len(old[2])] == old[2])
         out.append(Prompt(p.box, p.points, p.labels, logits[i]) if extends else p)
     return out
 

@@ -113,7 +113,9 @@ def video_state(seed: int = FIXTURE_SEED, family: str = "sam2.1") -> dict[str, t
     return _generate(video_layout(family), seed, VIDEO_STREAM)
 
 
-def encoder_state(seed: int = FIXTURE_SEED, family: str = "sam2.1", version: str = FIXTURE_VERSION) -> dict[str, torch.Tensor]:
+def encoder_state(
+    seed: int = FIXTURE_SEED, family: str = "sam2.1", version: str = FIXTURE_VERSION
+) -> dict[str, torch.Tensor]:
     """Every weight that is not trained: the image path (stream 0) and the video memory (stream 1)."""
     return {**image_path_state(seed, version), **video_state(seed, family)}
 
@@ -150,7 +152,8 @@ def load_trained(path: str | os.PathLike | None = None) -> dict[str, torch.Tenso
 def _check_trained(trained: dict[str, torch.Tensor]) -> None:
     problems = key_problems({k: s for k, s, _ in decoder_layout()}, trained, show=5)
     if problems:
-        raise FixtureError("trained fixture weights do not fit the prompt encoder + mask decoder: " + "; ".join(problems))
+        raise FixtureError("trained fixture weights do not fit the prompt encoder + mask decoder: "
+                           + "; ".join(problems))
 
 
 def full_state_dict(

@@ -65,7 +65,8 @@ def _prompt_json(p: Prompt) -> dict:
         x1, y1, x2, y2 = (float(v) for v in p.box)
         out["box"] = {"x": (x1 + x2) / 2, "y": (y1 + y2) / 2, "width": x2 - x1, "height": y2 - y1}
     if p.points is not None:
-        out["points"] = [{"x": float(x), "y": float(y), "positive": bool(lab)} for (x, y), lab in zip(p.points, p.labels)]
+        out["points"] = [{"x": float(x), "y": float(y), "positive": bool(lab)}
+                         for (x, y), lab in zip(p.points, p.labels)]
     return out
 
 
