@@ -13,15 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import numpy as np
 import supervision as sv
 from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StringConstraints,
-    field_validator,
+    AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints, field_validator,
 )
 
 from ..detections import attach_image_metadata, keypoint_clicks, masks_to_detections, prompt_fields
