@@ -12,12 +12,15 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import supervision as sv
 import torch
+
+from sam2flow.formats import mask_iou
 
 from . import data
 from .timing import Measured, measure
@@ -48,7 +51,7 @@ class Settings:
 
     @classmethod
     def make(cls, quick: bool, warmup: int | None = None, repeats: int | None = None,
-             step_images: int | None = None, points_per_side: int | None = None) -> "Settings":
+             step_images: int | None = None, points_per_side: int | None = None) -> Settings:
         if quick:
             s = cls(True, 1, 2, 0, 1, 1, 2, 1, 2, 1, 2, 16, 1, 1)
         else:
@@ -97,7 +100,8 @@ class Context:
 
         return call
 
-    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any], ours_bf16: Callable[[], Any] | None = None) -> dict:
+    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any],
+                    ours_bf16: Callable[[], Any] | None = None) -> dict:
         fns = {OURS: ours, REF: self.ref(ref)}
         if ours_bf16 is not None and self.ours_bf16 is not None:
             fns[OURS_BF16] = ours_bf16
@@ -145,7 +149,7 @@ def bf16_mask_iou(ours, ours_bf16) -> tuple[float, float]:
     for image, d in zip(images, dets):
         a = ours.predict(ours.embed([image])[0], boxes=d.xyxy).masks
         b = ours_bf16.predict(ours_bf16.embed([image])[0], boxes=d.xyxy).masks
-        ious.append(data.mask_iou(a, b))
+        ious.append(mask_iou(a, b))
     iou = np.concatenate(ious)
     return float(iou.mean()), float(iou.min())
 
@@ -191,7 +195,8 @@ def case_embed(ctx: Context) -> list[dict]:
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)
         made = rows(ctx, f"batch {batch}", m, "s/image", lambda t, b=batch: t / b, warmup=warmup,
-                    encoder_gflop_per_image=gflop, bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
+                    encoder_gflop_per_image=gflop,
+                    bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
         for r in made:
             r["achieved_gflops"] = gflop / r["ours"]
             r["reference_gflops"] = gflop / r["reference"]
@@ -222,7 +227,7 @@ def case_decode(ctx: Context) -> list[dict]:
             ctx.predictor.set_image(sc.image)
         for n in (10, 100):
             boxes = data.detector_boxes(sc.boxes, (h, w), n, seed)
-            fns = ctx.competitors(lambda b=boxes: ctx.ours.predict(emb, boxes=b),
+            fns = ctx.competitors(lambda b=boxes, e=emb: ctx.ours.predict(e, boxes=b),
                                   lambda b=boxes: reference_decode(ctx.predictor, b))
             warmup = s.decode_warmup if n == 10 else 0
             repeats = s.decode_repeats if n == 10 else s.decode_repeats_100
@@ -230,7 +235,7 @@ def case_decode(ctx: Context) -> list[dict]:
             m = measure(fns, warmup, repeats, ctx.sync)
             ours_masks = m.last[OURS].masks
             ref_masks = m.last[REF][0]
-            iou = data.mask_iou(ours_masks, ref_masks)
+            iou = mask_iou(ours_masks, ref_masks)
             out += rows(ctx, f"{w}x{h}, {n} boxes", m, "ms/box", lambda t, n=n: 1000 * t / n, warmup=warmup,
                         mask_iou_vs_reference=float(iou.mean()), min_mask_iou_vs_reference=float(iou.min()))
             m.last.clear()
@@ -274,7 +279,7 @@ def step_iou(a: list[sv.Detections], b: list[sv.Detections]) -> tuple[float, int
         index = {pid: i for i, pid in enumerate(db.data["parent_id"])}
         for i, pid in enumerate(da.data["parent_id"]):
             if pid in index:
-                ious.append(data.mask_iou(da.mask[i : i + 1], db.mask[index[pid] : index[pid] + 1])[0])
+                ious.append(mask_iou(da.mask[i : i + 1], db.mask[index[pid] : index[pid] + 1])[0])
     return (float(np.mean(ious)) if ious else float("nan")), na, nb
 
 
@@ -343,7 +348,8 @@ def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log) -> list[dict]:
+def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int,
+                log) -> list[dict]:
     """Peak resident memory of the step case, each side alone in a fresh process."""
     n = settings.step_images
     log(f"memory: step on {n} images, ours and the reference each in its own process")

@@ -80,7 +80,8 @@ def load_reference(ckpt: Checkpoint, device: str):
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model = build_sam2(get_spec(ckpt.version, ckpt.family).meta_config, ckpt_path=str(ckpt.path), device=device, mode="eval")
+    spec = get_spec(ckpt.version, ckpt.family)
+    model = build_sam2(spec.meta_config, ckpt_path=str(ckpt.path), device=device, mode="eval")
     return model, SAM2ImagePredictor(model)
 
 
@@ -139,12 +140,3 @@ def step_inputs(count: int, boxes_per_image: int = 10, hw: tuple[int, int] = (48
         images.append(s.image)
         dets.append(detections(boxes, s.kinds, len(s.boxes), f"img{i}"))
     return images, dets
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pair IoU of (N, H, W) bool masks (1 where both are empty)."""
-    a = a.reshape(len(a), -1).astype(bool)
-    b = b.reshape(len(b), -1).astype(bool)
-    inter = (a & b).sum(1)
-    union = (a | b).sum(1)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))

@@ -33,15 +33,6 @@ def _cpuinfo() -> list[dict[str, str]]:
     return blocks
 
 
-def cpu_flags() -> set[str]:
-    return set(precision.cpu_flags())
-
-
-def native_bf16_cpu() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16)."""
-    return precision.native_bf16(torch.device("cpu"))
-
-
 def physical_cores() -> int | None:
     """Distinct (package, core) pairs among the CPUs this process may run on."""
     info = _cpuinfo()
@@ -65,7 +56,8 @@ def _version(dist: str) -> str | None:
 def _git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -95,7 +87,7 @@ def load_average() -> list[float] | None:
 def facts(devices: list[str]) -> dict:
     """CPU, cores, threads, library versions, GPUs: everything a reader needs to weigh the numbers."""
     info = _cpuinfo()
-    flags = cpu_flags()
+    flags = precision.cpu_flags()
     out = {
         "cpu_model": (info[0].get("model name") if info else None) or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
@@ -104,14 +96,15 @@ def facts(devices: list[str]) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2", "avx512_fp16"}),
-        "native_bf16": native_bf16_cpu(),
+        "cpu_bf16_flags": sorted(flags & (precision.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
+        "native_bf16": precision.native_bf16(torch.device("cpu")),
         "memory_gib": memory_gib(),
         "load_average_at_start": load_average(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in
-                     ("torch", "transformers", "sam2", "sam2flow", "supervision", "numpy", "opencv-python", "matplotlib")},
+                     ("torch", "transformers", "sam2", "sam2flow", "supervision", "numpy", "opencv-python",
+                      "matplotlib")},
         "mkldnn": torch.backends.mkldnn.is_available(),
         "mkl": torch.backends.mkl.is_available(),
         "git_revision": _git_revision(),
@@ -123,14 +116,11 @@ def facts(devices: list[str]) -> dict:
             "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
             "cuda_version": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "bf16_supported": torch.cuda.is_bf16_supported(),
+            "bf16_supported": precision.native_bf16(torch.device("cuda")),
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         }
     return out
-
-
-bf16_native = precision.native_bf16
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5) -> float:

@@ -46,11 +46,12 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
 
     import numpy  # noqa: F401
+    import sam2.build_sam  # noqa: F401
+    import sam2.sam2_image_predictor  # noqa: F401
     import supervision  # noqa: F401
     import torch
     import transformers  # noqa: F401
-    import sam2.build_sam  # noqa: F401
-    import sam2.sam2_image_predictor  # noqa: F401
+
     import sam2flow.workflows.step  # noqa: F401
 
     from . import cases, data
@@ -72,7 +73,8 @@ def main(argv=None) -> None:
     out = {
         "impl": a.impl, "images": a.images, "detections": sum(len(d) for d in result),
         "baseline_rss_mib": baseline, "after_load_rss_mib": after_load, "peak_rss_mib": peak_rss_mib(),
-        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024),
+        "ru_maxrss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                          / (2**20 if sys.platform == "darwin" else 1024)),
     }
     if a.device.startswith("cuda"):
         out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

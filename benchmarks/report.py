@@ -42,7 +42,8 @@ def notes(e: dict) -> str:
         parts.append(f"masks found {e['masks_ours']}/{e['masks_reference']}")
     if "after_load_mib" in e:
         a, b = e["after_load_mib"], e["baseline_mib"]
-        parts.append(f"after imports {fmt(b['ours'])}/{fmt(b['reference'])}, after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB")
+        parts.append(f"after imports {fmt(b['ours'])}/{fmt(b['reference'])}, "
+                     f"after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB")
     if e.get("reference_mode") not in (None, "reference"):
         parts.append(f"vs {e['reference_mode']}")
     parts.append(f"n={e['repeats']}")
@@ -79,13 +80,15 @@ def text_table(results: dict) -> str:
 def machine_lines(machine: dict) -> list[str]:
     v = machine["versions"]
     lines = [
-        f"- CPU: {machine['cpu_model']}; {machine['physical_cores']} physical cores, {machine['logical_cpus']} logical CPUs "
-        f"({machine['usable_cpus']} usable); torch threads {machine['torch_threads']} (inter-op {machine['torch_interop_threads']})",
+        f"- CPU: {machine['cpu_model']}; {machine['physical_cores']} physical cores, "
+        f"{machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable); "
+        f"torch threads {machine['torch_threads']} (inter-op {machine['torch_interop_threads']})",
         f"- bf16 in hardware: {'yes' if machine['native_bf16'] else 'no'} "
         f"(flags: {', '.join(machine['cpu_bf16_flags']) or 'none'}); memory {machine['memory_gib']} GiB",
         f"- Load average at start / end: {machine.get('load_average_at_start')} / {machine.get('load_average_at_end')}",
         f"- Versions: python {machine['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-        f"- OS: {machine['os']}; MKL {machine['mkl']}, oneDNN {machine['mkldnn']}; sam2flow revision {machine['git_revision']}",
+        f"- OS: {machine['os']}; MKL {machine['mkl']}, oneDNN {machine['mkldnn']}; "
+        f"sam2flow revision {machine['git_revision']}",
         f"- Devices: {', '.join(machine['devices'])}",
     ]
     if "cuda" in machine:
@@ -94,7 +97,8 @@ def machine_lines(machine: dict) -> list[str]:
                      f"bf16 {'yes' if c['bf16_supported'] else 'no'})")
     for dev, rates in machine.get("matmul_gflops", {}).items():
         lines.append(f"- Measured {rates['n']}² matmul on {dev}: fp32 {fmt(rates['fp32'])} GFLOP/s, "
-                     + (f"bf16 {fmt(rates['bf16'])} GFLOP/s" if rates.get("bf16") else f"bf16 {rates.get('bf16_note')}"))
+                     + (f"bf16 {fmt(rates['bf16'])} GFLOP/s" if rates.get("bf16")
+                        else f"bf16 {rates.get('bf16_note')}"))
     for size, w in machine.get("weights", {}).items():
         lines.append(f"- Weights {size}: {w}")
     return lines
@@ -110,7 +114,8 @@ def fast_path_lines(machine: dict) -> list[str]:
         lines.append(f"- bf16 image encoder, {key}: {verdict}")
     cores, threads = machine.get("physical_cores"), machine.get("torch_threads")
     lines.append(f"- Threads: torch.get_num_threads() = {threads} on {cores} physical cores"
-                 + (" (more threads than cores: try --threads equal to the core count)" if cores and threads > cores else ""))
+                 + (" (more threads than cores: try --threads equal to the core count)"
+                    if cores and threads > cores else ""))
     return lines
 
 
@@ -122,7 +127,8 @@ def physical_limit_lines(results: dict, machine: dict) -> list[str]:
         rates = machine.get("matmul_gflops", {}).get(e["device"], {})
         peak = rates.get("bf16") if e["variant"] == "ours (bf16)" else rates.get("fp32")
         frac = f", {100 * e['achieved_gflops'] / peak:.0f} % of the measured matmul rate" if peak else ""
-        out.append(f"- {e['device']} {e['size']} {e['variant']}: {fmt(e['encoder_gflop_per_image'])} GFLOP per 1024×1024 image "
+        out.append(f"- {e['device']} {e['size']} {e['variant']}: "
+                   f"{fmt(e['encoder_gflop_per_image'])} GFLOP per 1024×1024 image "
                    f"in {fmt(e['ours'])} s = {fmt(e['achieved_gflops'])} GFLOP/s{frac}; "
                    f"the reference reaches {fmt(e['reference_gflops'])} GFLOP/s")
     return out

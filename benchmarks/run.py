@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import cases, data, machine as mach, report
+from sam2flow.engine import precision
+
+from . import cases, data, report
+from . import machine as mach
 from .timing import synchronizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +91,7 @@ def log(msg: str) -> None:
 
 def matmul_rates(device: torch.device) -> dict:
     out = {"n": mach.MATMUL_N, "fp32": mach.matmul_gflops(device, torch.float32)}
-    if mach.bf16_native(device):
+    if precision.native_bf16(device):
         out["bf16"] = mach.matmul_gflops(device, torch.bfloat16)
     else:
         out["bf16"] = None
@@ -101,7 +104,7 @@ def bf16_engine(args, ckpt, device: torch.device, ours, key: str, machine: dict)
     if args.no_bf16:
         machine["bf16"][key] = "skipped (--no-bf16)"
         return None, "skipped (--no-bf16)"
-    if not mach.bf16_native(device):
+    if not precision.native_bf16(device):
         note = ("skipped: this CPU has no avx512_bf16/amx_bf16, and emulated bf16 is ~100x slower"
                 if device.type == "cpu" else "skipped: this GPU does not support bf16")
         machine["bf16"][key] = note
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
     cores = machine["physical_cores"] or machine["logical_cpus"] or 1
     if load and load[0] > 0.25 * cores:
         machine["busy_warning"] = (f"load average {load[0]} on {cores} cores when the run started: other work "
-                                   f"competes for the CPU, timings are noisy (ratios less so, as both sides are interleaved)")
+                                   "competes for the CPU, timings are noisy (ratios less so, as both sides are "
+                                   "interleaved)")
         log("WARNING: " + machine["busy_warning"])
     if machine["physical_cores"] and machine["torch_threads"] > machine["physical_cores"]:
         log(f"note: torch uses {machine['torch_threads']} threads on {machine['physical_cores']} physical cores")
@@ -171,7 +175,8 @@ def main(argv=None) -> int:
 
     results: dict[str, dict] = {c: {} for c in ALL_CASES if c in args.cases}
     tmp = None
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-"))
+    ckpt_dir = (Path(args.checkpoint_dir) if args.checkpoint_dir
+                else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-")))
     try:
         for size in args.sizes:
             log(f"{size}: preparing the checkpoint")
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
                     for e in cases.case_memory(size, ckpt, device, settings, args.threads, log):
                         key = f"{d} {size} {e['config']}"
                         results["memory"][key] = e
-                        log(f"  memory {key}: ours {report.fmt(e['ours'])} MiB, reference {report.fmt(e['reference'])} MiB")
+                        log(f"  memory {key}: ours {report.fmt(e['ours'])} MiB, "
+                            f"reference {report.fmt(e['reference'])} MiB")
     finally:
         if tmp is not None:
             import shutil

@@ -18,6 +18,7 @@ import pytest
 import requests
 import torch
 
+from sam2flow.formats import mask_iou  # noqa: F401  (the tests import it from here)
 from sam2flow.models.registry import ModelSpec, get_spec
 
 # Tests never reach a hub.
@@ -102,12 +103,6 @@ def connected_components(mask: torch.Tensor):
         sizes[0] = 0
         labels[i, 0], areas[i, 0] = lab, sizes[lab]
     return torch.from_numpy(labels), torch.from_numpy(areas)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
 # A workflow of one SAM2 step: image + detections "boxes" in, "masks" out.

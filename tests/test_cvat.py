@@ -32,13 +32,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import SERVER_API_KEY, free_port, mask_iou, start_server, stop_server
 from sam2flow import Prompt, Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig
 from sam2flow.integrations import cvat
 from sam2flow.testing import fixture
 from sam2flow.testing.scenes import make_scene
 from sam2flow.workflows.remote import RemoteEngine
+
+from conftest import SERVER_API_KEY, free_port, mask_iou, start_server, stop_server
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "cvat"
 FUNCTION_FILES = sorted((DEPLOY / "sam2").glob("function*.yaml"))

@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SERVER_API_KEY, mask_iou, start_server, stop_server
 from sam2flow import Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig, generate_masks
 from sam2flow.engine.prompts import PromptArrays
@@ -28,6 +27,8 @@ from sam2flow.formats import detections_to_predictions, polygons_to_mask, predic
 from sam2flow.testing import fixture
 from sam2flow.testing.demo import DEMO_DEFINITION, scene_detections
 from sam2flow.testing.scenes import make_scene
+
+from conftest import SERVER_API_KEY, mask_iou, start_server, stop_server
 
 HELD_OUT = [1_000_000 + i for i in range(50)]  # the training script's held-out seeds
 BOX_BAR = 0.85
@@ -161,7 +162,8 @@ def test_fixture_and_demo_commands(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     state = torch.load(pt, map_location="cpu", weights_only=True)["model"]
-    assert torch.equal(state["sam_mask_decoder.iou_token.weight"], fixture.load_trained()["sam_mask_decoder.iou_token.weight"])
+    key = "sam_mask_decoder.iou_token.weight"
+    assert torch.equal(state[key], fixture.load_trained()[key])
     run = subprocess.run([sys.executable, "-m", "sam2flow", "demo", "--out", str(tmp_path / "demo")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

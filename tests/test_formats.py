@@ -14,6 +14,7 @@ import supervision as sv
 from sam2flow.formats import (
     cxcywh_to_xyxy,
     detections_to_predictions,
+    mask_iou,
     mask_to_polygons,
     mask_to_rle,
     polygons_to_mask,
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 H, W = 333, 517
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def ellipse(center, axes, angle, hw=(H, W)) -> np.ndarray:
@@ -94,6 +90,28 @@ def test_box_conversions_round_trip():
     assert cxcywh_to_xyxy([]).shape == (0, 4)
     with pytest.raises(ValueError, match="shape"):
         xyxy_to_cxcywh(np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Mask IoU
+# ---------------------------------------------------------------------------
+
+
+def test_mask_iou_counts_pixels_and_broadcasts():
+    a, b = SHAPES["ellipse_large"], SHAPES["rect_rotated"]
+    want = (a & b).sum() / (a | b).sum()  # the definition, on pycocotools' side too:
+    coco = mask_utils.iou([mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))],
+                          [mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))], [0])[0, 0]
+    assert 0.1 < want < 0.9 and mask_iou(a, b) == pytest.approx(want) == pytest.approx(coco)
+    assert mask_iou(a.astype(np.uint8) * 255, a) == 1.0  # non-zero is True
+    empty = np.zeros((H, W), bool)
+    assert mask_iou(empty, empty) == 1.0 and mask_iou(empty, a) == 0.0
+    stack = np.stack([a, b, empty])
+    np.testing.assert_allclose(mask_iou(stack, stack[::-1]), [mask_iou(a, empty), 1.0, mask_iou(empty, a)])
+    np.testing.assert_allclose(mask_iou(stack, a), [1.0, want, 0.0])  # (N, H, W) against one (H, W)
+    torch = pytest.importorskip("torch")
+    got = mask_iou(torch.from_numpy(stack), torch.from_numpy(a))
+    assert got.dtype == torch.float32 and np.allclose(got.numpy(), [1.0, want, 0.0])
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +215,7 @@ def test_polygon_round_trip_iou(name):
     polygons = mask_to_polygons(mask)
     assert len(polygons) == 1
     assert polygons[0].dtype == np.float64 and polygons[0].shape[1] == 2
-    assert iou(polygons_to_mask(polygons, H, W), mask) >= 0.98
+    assert mask_iou(polygons_to_mask(polygons, H, W), mask) >= 0.98
 
 
 def test_polygon_convention_is_pixel_centres():
@@ -217,7 +235,7 @@ def test_polygon_round_trip_beats_half_pixel_offsets():
     mask = SHAPES["rect_rotated"]
     polygons = mask_to_polygons(mask)
     scores = {
-        offset: iou(polygons_to_mask([p + offset for p in polygons], H, W), mask)
+        offset: mask_iou(polygons_to_mask([p + offset for p in polygons], H, W), mask)
         for offset in (0.0, 0.5, -0.5)
     }
     assert scores[0.0] == max(scores.values()) == 1.0
@@ -229,7 +247,7 @@ def test_polygon_two_parts_largest_first():
     assert len(polygons) == 2
     areas = [cv2.contourArea(p.astype(np.float32)) for p in polygons]
     assert areas[0] >= areas[1] > 0
-    assert iou(polygons_to_mask(polygons, H, W), mask) >= 0.98
+    assert mask_iou(polygons_to_mask(polygons, H, W), mask) >= 0.98
     # Each outline lies on its own side of the occluder (columns 240..274).
     sides = sorted((p[:, 0].max() < 240, p[:, 0].min() >= 275) for p in polygons)
     assert sides == [(False, True), (True, False)]
@@ -271,7 +289,7 @@ def assert_same_detections(actual: sv.Detections, expected: sv.Detections, min_i
         assert actual.data[key].dtype == object
     assert actual.mask.shape == expected.mask.shape
     for got, want in zip(actual.mask, expected.mask, strict=True):
-        assert iou(got, want) >= min_iou
+        assert mask_iou(got, want) >= min_iou
 
 
 def test_polygon_predictions_round_trip():
@@ -350,7 +368,7 @@ def test_enclosing_dict_gives_image_size():
     payload = {"image": {"width": W, "height": H}, "predictions": [prediction]}
     detections = predictions_to_detections(payload)
     assert detections.mask.shape == (1, H, W)
-    assert iou(detections.mask[0], mask) >= 0.98
+    assert mask_iou(detections.mask[0], mask) >= 0.98
     assert predictions_to_detections({"predictions": [prediction]}).mask is None
     with pytest.raises(ValueError, match="image_hw"):
         predictions_to_detections(payload, image_hw=(H + 1, W))

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from sam2flow import FAMILIES, VERSIONS, CheckpointError, Sam2Engine, get_spec, load_model
 from sam2flow.models.convert import convert_state_dict
+from sam2flow.models.layout import original_layout, video_keys
 from sam2flow.models.weights import WEIGHTS_DIR_ENV
 
 from conftest import build_reference, random_image
@@ -215,6 +216,20 @@ def test_wrong_shape_is_an_error(tiny_state, tmp_path, key, shape):
     path = _save(tmp_path / "shape.pt", state)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_model("hiera_tiny", checkpoint=path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("version", [v if v == "hiera_tiny" else pytest.param(v, marks=pytest.mark.large)
+                                     for v in VERSIONS])
+def test_layout_is_the_release_files_layout(version, family):
+    """``models/layout.py`` (used by the converter and the fixture) lists exactly the keys and shapes
+    of Meta's model, so of its release files."""
+    spec = get_spec(version, family)
+    want = {k: tuple(v.shape) for k, v in build_reference(spec).state_dict().items()}
+    got = {key: shape for key, shape, _ in original_layout(spec)}
+    assert len(got) == len(original_layout(spec))  # no key twice
+    assert got == want
+    assert video_keys(family) == {k for k in want if _is_video(k, family)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

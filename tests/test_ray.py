@@ -62,9 +62,9 @@ def test_actor_plan_follows_the_cluster():
 
 
 def test_serve_batcher_isolates_a_failing_image():
-    # The function Serve's batches run (serve.batch itself works only inside a replica: see the
-    # Serve test below for the whole path).
-    from sam2flow.scale.ray_serve import _embed_each
+    # The function Serve's batches run, as the plain server's batcher does (serve.batch itself
+    # works only inside a replica: see the Serve test below for the whole path).
+    from sam2flow.server.batching import embed_each
 
     class Engine:
         calls = []
@@ -76,10 +76,10 @@ def test_serve_batcher_isolates_a_failing_image():
             return [f"emb{im}" for im in images]
 
     engine = Engine()
-    a, bad, c = _embed_each(engine, [1, None, 3])
+    a, bad, c = embed_each(engine, [1, None, 3])
     assert (a, c) == ("emb1", "emb3") and isinstance(bad, ValueError)
     assert engine.calls == [3, 1, 1, 1]  # one batch of three, then each alone
-    assert _embed_each(engine, [4, 5]) == ["emb4", "emb5"] and engine.calls[-1] == 2
+    assert embed_each(engine, [4, 5]) == ["emb4", "emb5"] and engine.calls[-1] == 2
 
 
 @pytest.fixture(scope="module")

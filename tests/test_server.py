@@ -14,8 +14,8 @@ from PIL import Image
 from sam2flow import Prompt
 from sam2flow.formats import rle_to_mask
 
-from conftest import SERVER_API_KEY as API_KEY
 from conftest import BOXES_WORKFLOW, mask_iou, random_image
+from conftest import SERVER_API_KEY as API_KEY
 
 inference_sdk = pytest.importorskip("inference_sdk")
 
@@ -117,6 +117,19 @@ def test_embed_then_segment_by_image_id_and_refine_with_cached_logits(server, ti
     assert np.array_equal(arrays["masks"][0], want1.masks[0]) and arrays["low_res_logits"].shape == (1, 256, 256)
 
 
+def test_embed_without_image_id_answers_the_content_hash(server, tiny_engine):
+    from sam2flow.engine.cache import content_hash
+
+    image = random_image(120, 150, seed=43)
+    r = post(server, "/sam2/embed_image", {"image": {"type": "base64", "value": b64(image)}})
+    assert r.status_code == 200 and r.json()["image_id"] == content_hash(image)
+    r = post(server, "/sam2/segment_image", {"image_id": r.json()["image_id"], "format": "rle",
+                                             "prompts": [box_prompt([20, 30, 110, 100])]})
+    assert r.status_code == 200, r.text
+    want = tiny_engine.predict(tiny_engine.embed([image])[0], boxes=[[20, 30, 110, 100]])
+    assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]), want.masks[0])
+
+
 def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
     images = [random_image(200 + 8 * i, 260, seed=100 + i) for i in range(16)]
     box = [30, 30, 150, 150]
@@ -155,13 +168,14 @@ HUGE = np.zeros((2100, 2100, 3), np.uint8)
         ("missing image", "/sam2/segment_image", {"prompts": [box_prompt(BOXES[0])]}, 400, "no image"),
         ("corrupt base64", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": "@@@"}}, 400, "base64"),
         ("not an image", "/sam2/segment_image",
-         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400, "not a readable"),
+         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400,
+         "not a readable"),
         ("1x1 image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(IMAGE[:1, :1])}},
          400, "smaller than"),
         ("oversized image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(HUGE)}}, 413,
          "over the limit"),
-        ("nan box", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]},
-         422, "finite"),
+        ("nan box", "/sam2/segment_image",
+         {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]}, 422, "finite"),
         ("inverted box", "/sam2/segment_image",
          {**GOOD, "prompts": [{"box": {"x": 50, "y": 50, "width": -10, "height": 10}}]}, 400, "inverted"),
         ("box outside", "/sam2/segment_image",

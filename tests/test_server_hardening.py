@@ -21,8 +21,15 @@ from PIL import Image
 
 from sam2flow.formats import rle_to_mask
 
-from conftest import (BOXES_WORKFLOW, SERVER_API_KEY, SERVER_MAX_PROMPTS, SERVER_MAX_REQUEST_PROMPTS, random_image,
-                      start_server, stop_server)
+from conftest import (
+    BOXES_WORKFLOW,
+    SERVER_API_KEY,
+    SERVER_MAX_PROMPTS,
+    SERVER_MAX_REQUEST_PROMPTS,
+    random_image,
+    start_server,
+    stop_server,
+)
 
 IMAGE = random_image(120, 160, seed=61)
 WIRE_MESSAGE = 'an image must be {"type": "base64" | "numpy" | "url", "value": ...}'

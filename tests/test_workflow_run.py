@@ -122,7 +122,8 @@ def test_keypoints_become_clicks_when_asked(pool, tiny_engine):
                                  {"x": 60, "y": 80, "confidence": 0.8, "class": "hand"}]}]}
     out = run_workflow(definition, {"image": IMAGES[0], "detections": dets}, pool)[0]["predictions"]
     emb = tiny_engine.embed([IMAGES[0]])[0]
-    want = tiny_engine.predict_prompts(emb, [Prompt(box=[20, 10, 140, 110], points=[[70, 50], [60, 80]], labels=[1, 1])])
+    want = tiny_engine.predict_prompts(emb, [Prompt(box=[20, 10, 140, 110], points=[[70, 50], [60, 80]],
+                                                    labels=[1, 1])])
     plain = tiny_engine.predict_prompts(emb, [Prompt(box=[20, 10, 140, 110])])
     assert np.array_equal(out.mask, want.masks)
     assert not np.array_equal(want.masks, plain.masks)  # the clicks really changed the prompt

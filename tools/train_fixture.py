@@ -69,11 +69,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam2flow.engine.precision import native_bf16
+from sam2flow.engine.types import LOW_RES
+from sam2flow.formats import mask_iou
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / ".cache" / "fixture"
 EVAL_SEED_BASE = 1_000_000
 FEATURE_FORMAT = "1"
-LOW_RES = 256
 IMAGE_SIZE = 1024
 
 # Prompt kinds drawn per step: name → probability (``--prompt-mix`` changes it).
@@ -96,14 +99,6 @@ def parse_prompt_mix(text: str) -> dict[str, float]:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    from sam2flow.engine.precision import native_bf16
-
-    return native_bf16(torch.device("cpu"))
 
 
 # ---- feature cache ------------------------------------------------------------------------------
@@ -176,7 +171,8 @@ def featurize(cache: FeatureCache, seeds: list[int], encoder_seed: int, what: st
         cache.put(seed, emb, scene.masks)
         if (i + 1) % 10 == 0 or i + 1 == len(todo):
             rate = (time.time() - t0) / (i + 1)
-            log(f"features: {i + 1}/{len(todo)} {what} scenes, {rate:.2f} s/scene, ~{rate * (len(todo) - i - 1) / 60:.0f} min left")
+            left = rate * (len(todo) - i - 1) / 60
+            log(f"features: {i + 1}/{len(todo)} {what} scenes, {rate:.2f} s/scene, ~{left:.0f} min left")
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -310,13 +306,6 @@ class Decoder(torch.nn.Module):
         return logits, iou, obj
 
 
-def _ious(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the last two dimensions (broadcast); two empty masks: 1."""
-    inter = (pred & gt).sum((-1, -2)).float()
-    union = (pred | gt).sum((-1, -2)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     """Per row and candidate: BCE + dice (R, C), and the real IoU of ``logits > 0`` (R, C)."""
     t = target.expand_as(logits)
@@ -324,7 +313,7 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor):
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
     with torch.no_grad():
-        iou = _ious(logits > 0, t > 0.5)
+        iou = mask_iou(logits > 0, t > 0.5)
     return bce + dice, iou
 
 
@@ -444,11 +433,12 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         corners = torch.from_numpy(np.stack([boxes[:, :2], boxes[:, 2:] + 1], 1))
         for kind, c, l in (
             ("box", corners, torch.tensor([[2, 3]]).expand(n, 2)),
-            ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])), torch.ones(n, 1, dtype=torch.int64)),
+            ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])),
+             torch.ones(n, 1, dtype=torch.int64)),
         ):
             logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
-            ious = _ious(up, torch.from_numpy(masks)[:, None])
+            ious = mask_iou(up, torch.from_numpy(masks)[:, None])
             if kind == "box":
                 box_ious += ious[torch.arange(n), iou.argmax(1)].tolist()
             else:
@@ -500,7 +490,8 @@ def train(args) -> None:
         log(f"starting from {args.init_from} (a new schedule): {args.scenes} scenes, {args.steps} steps planned")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
-    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} (CPU has native bf16: {cpu_has_bf16()})")
+    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} "
+        f"(CPU has native bf16: {native_bf16(torch.device('cpu'))})")
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
     kinds, probs = list(args.prompt_mix), np.array(list(args.prompt_mix.values()))
@@ -592,11 +583,12 @@ def evaluate(args) -> dict:
         boxes = np.stack([mask_to_box(m) for m in masks])
         boxes[:, 2:] += 1  # inclusive last pixel → the box's far edge
         pred = engine.predict(emb, boxes=boxes, multimask_output=True)
-        box_ious += _ious(torch.from_numpy(pred.masks), gt).tolist()
+        box_ious += mask_iou(torch.from_numpy(pred.masks), gt).tolist()
         clicks = np.stack([_sample_pixels(rng, m, 1) for m in masks])
-        low, iou = engine.decode_low_res(emb, PromptArrays(None, clicks, np.ones((len(masks), 1), np.int32), None), True)
+        click_prompts = PromptArrays(None, clicks, np.ones((len(masks), 1), np.int32), None)
+        low, iou = engine.decode_low_res(emb, click_prompts, True)
         cand = torch.stack([upsample_masks(low[:, c], hw) for c in range(low.shape[1])], 1)
-        per = torch.stack([_ious(cand[:, c], gt) for c in range(cand.shape[1])], 1)
+        per = torch.stack([mask_iou(cand[:, c], gt) for c in range(cand.shape[1])], 1)
         click_best3 += per.max(1).values.tolist()
         click_pred += per[torch.arange(len(per)), iou.argmax(1)].tolist()
         if args.auto_points_per_side > 0:
@@ -604,7 +596,7 @@ def evaluate(args) -> dict:
             total += len(masks)
             if len(auto):
                 am = torch.from_numpy(auto.masks)
-                found += sum(bool((_ious(am, g[None].expand_as(am)) >= 0.7).any()) for g in gt)
+                found += sum(bool((mask_iou(am, g[None].expand_as(am)) >= 0.7).any()) for g in gt)
         if (i + 1) % 5 == 0:
             log(f"eval: {i + 1}/{len(eval_seeds)} scenes, {(time.time() - t0) / (i + 1):.1f} s/scene")
     res = {
@@ -620,7 +612,8 @@ def evaluate(args) -> dict:
     print(f"  box-prompt mean IoU (best of 3 by predicted IoU)  {res['box_miou']:.4f}   (target >= 0.85)")
     print(f"  one positive click, best-of-three IoU           {res['click_best_of_3']:.4f}   (target >= 0.60)")
     print(f"  one positive click, mask picked by predicted IoU {res['click_by_predicted_iou']:.4f}")
-    print(f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   (target >= 0.70; "
+    print(f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   "
+          "(target >= 0.70; "
           f"{args.auto_points_per_side}² grid)")
     print(f"  all targets met: {ok}")
     return res
@@ -692,7 +685,8 @@ def main(argv=None) -> None:
     p.add_argument("--pct-start", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--prompt-mix", type=parse_prompt_mix, default=PROMPT_KINDS, metavar="KIND=W,...",
-                   help=f"prompt kinds' weights per step (default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
+                   help="prompt kinds' weights per step "
+                        f"(default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
     p.add_argument("--full-res-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="loss on logits upsampled to the image size against binary masks (default) "
                         "instead of 256 x 256 against area-downsampled ones")

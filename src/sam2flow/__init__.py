@@ -5,7 +5,7 @@ from .engine.engine import ImageEmbedding, Prediction, Sam2Engine
 from .engine.pool import EnginePool
 from .engine.prompts import Prompt
 from .models.convert import CheckpointError
-from .models.registry import VERSIONS, FAMILIES, get_spec
+from .models.registry import FAMILIES, VERSIONS, get_spec
 from .models.weights import load_model
 from .workflows.definition import WorkflowDefinitionError, parse_definition
 from .workflows.runner import run_workflow, serialize_outputs

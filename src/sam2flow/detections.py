@@ -8,7 +8,7 @@ in prompt order, and attaches the prompt's class and identity.
 from __future__ import annotations
 
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import supervision as sv
@@ -31,7 +31,8 @@ def masks_to_detections(
     n = len(scores)
     if not (len(masks) == len(class_ids) == len(class_names) == n) or (parent_ids is not None and len(parent_ids) != n):
         raise ValueError("masks, scores, class ids, class names and parent ids must have one entry per prompt")
-    keep = np.flatnonzero((np.asarray(scores) >= threshold) & masks.reshape(n, -1).any(axis=1)) if n else np.zeros(0, int)
+    keep = (np.flatnonzero((np.asarray(scores) >= threshold) & masks.reshape(n, -1).any(axis=1)) if n
+            else np.zeros(0, int))
     if len(keep) == 0:
         h, w = masks.shape[1:] if masks.ndim == 3 else (0, 0)
         empty = sv.Detections(

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import transforms as T
-from .engine import LOW_RES, ImageEmbedding, Sam2Engine
-from .prompts import PromptArrays
+from .types import LOW_RES, ImageEmbedding, LowResDecoder, PromptArrays
 
 _MAX_UPSAMPLE_ELEMENTS = 1 << 25  # float32 logits per upsampling chunk (128 MiB)
 
@@ -82,9 +81,11 @@ class AutomaticConfig:
         for name in ("points_per_side", "points_per_batch"):
             _check_int(name, getattr(self, name), 1)
         _check_int("min_mask_region_area", self.min_mask_region_area, 0)
-        for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "mask_threshold", "box_nms_thresh"):
+        for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "mask_threshold",
+                     "box_nms_thresh"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset"):
             if getattr(self, name) < 0:
@@ -120,7 +121,7 @@ class AutomaticResult:
         return len(self.scores)
 
     @classmethod
-    def empty(cls, hw: tuple[int, int]) -> "AutomaticResult":
+    def empty(cls, hw: tuple[int, int]) -> AutomaticResult:
         h, w = hw
         f = np.float32
         return cls(np.zeros((0, h, w), bool), np.zeros(0, f), np.zeros(0, f), np.zeros((0, 4), f), np.zeros((0, 2), f))
@@ -197,8 +198,13 @@ def _upsample(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(low_res[:, None].float(), hw, mode="bilinear", align_corners=False)[:, 0]
 
 
-def generate_masks(engine: Sam2Engine, embedding: ImageEmbedding, config: AutomaticConfig = AutomaticConfig()) -> AutomaticResult:
-    """Segment everything in one embedded image (see the module's docstring for the steps)."""
+def generate_masks(
+    engine: LowResDecoder, embedding: ImageEmbedding, config: AutomaticConfig = AutomaticConfig()
+) -> AutomaticResult:
+    """Segment everything in one embedded image (see the module's docstring for the steps).
+
+    ``engine``: anything that decodes low-resolution candidates (``Sam2Engine``; ``LowResDecoder``).
+    """
     if not isinstance(config, AutomaticConfig):
         raise ValueError(f"config must be an AutomaticConfig, got {type(config).__name__}")
     hw = tuple(int(v) for v in embedding.original_size)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class EmbeddingCache(Generic[V]):
             raise ValueError("cache bounds must be >= 0")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._size_of = size_of or (lambda v: int(getattr(v, "nbytes")))
+        self._size_of = size_of or (lambda v: int(v.nbytes))
         self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

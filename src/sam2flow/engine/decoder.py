@@ -217,7 +217,8 @@ def decode(
         queries, x = _transformer(decoder.transformer, tokens, image if shared else image[i : i + chunk], pos, first)
         mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        parts.append((_upscaled_masks(decoder, x, operands, hyper, (hh, ww)), decoder.iou_prediction_head(queries[:, 1])))
+        masks = _upscaled_masks(decoder, x, operands, hyper, (hh, ww))
+        parts.append((masks, decoder.iou_prediction_head(queries[:, 1])))
     masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if multimask_output:
         return masks[:, 1:], iou[:, 1:]

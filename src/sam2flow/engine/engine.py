@@ -6,8 +6,7 @@ import hashlib
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,40 +19,9 @@ from .decoder import decode
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
+from .types import LOW_RES, ImageEmbedding, Prediction  # declared there, importable from here as before
 
-LOW_RES = 256  # side of the decoder's mask logits
 DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
-
-
-@dataclass(frozen=True)
-class ImageEmbedding:
-    """What the decoder needs of one image.
-
-    ``image_embed``: (256, 64, 64); ``high_res_feats``: (32, 256, 256) and (64, 128, 128), already
-    projected by the decoder's ``conv_s0``/``conv_s1``; ``original_size``: (H, W) in pixels.
-    """
-
-    image_embed: torch.Tensor
-    high_res_feats: tuple[torch.Tensor, torch.Tensor]
-    original_size: tuple[int, int]
-    key: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.image_embed, *self.high_res_feats))
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Best mask per prompt: ``masks`` (N, H, W) bool, ``scores`` (N,) predicted IoU,
-    ``low_res_logits`` (N, 256, 256) float32 clamped to ±32 (usable as a later ``mask_input``)."""
-
-    masks: np.ndarray
-    scores: np.ndarray
-    low_res_logits: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 def weights_fingerprint(model) -> str:

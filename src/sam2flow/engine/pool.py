@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -47,7 +47,7 @@ class EnginePool:
         self._loading: dict[str, threading.Lock] = {}
 
     @classmethod
-    def of(cls, engine: Sam2Engine) -> "EnginePool":
+    def of(cls, engine: Sam2Engine) -> EnginePool:
         """A pool holding one ready engine (its version only, unless others can be found)."""
         pool = cls(engine.spec.family, engine.device, engine.dtype, cache=engine.cache)
         pool._engines[engine.spec.version] = engine

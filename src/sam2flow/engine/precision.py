@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of bf16 arithmetic in hardware
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -49,7 +50,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        return bool(BF16_CPU_FLAGS & cpu_flags())
     return False
 
 

@@ -1,42 +1,20 @@
-"""Prompts: validated boxes and clicks for one image, grouped for batched decoding."""
+"""Prompts: validated boxes and clicks for one image, grouped for batched decoding.
+
+``Prompt`` and ``PromptArrays`` are declared with the engine's other contracts in ``engine/types.py``
+(and importable from here as before).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
+from .types import LOW_RES, Prompt, PromptArrays
 
-@dataclass(frozen=True)
-class Prompt:
-    """One object to segment: a box (x1, y1, x2, y2 in pixels), clicks, or both.
-
-    ``points`` are (x, y) pixels, ``labels`` 1 (positive) or 0 (negative), one per point.
-    ``mask_input`` is optional low-resolution logits (256 × 256) from an earlier prediction.
-    """
-
-    box: Sequence[float] | None = None
-    points: Sequence[Sequence[float]] | None = None
-    labels: Sequence[int] | None = None
-    mask_input: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class PromptArrays:
-    """Validated prompts of one shape: boxes (N, 4) or None, points (N, P, 2) or None, labels (N, P)."""
-
-    boxes: np.ndarray | None
-    points: np.ndarray | None
-    labels: np.ndarray | None
-    mask_input: np.ndarray | None  # (N, 1, 256, 256)
-
-    @property
-    def count(self) -> int:
-        for a in (self.boxes, self.points, self.mask_input):
-            if a is not None:
-                return a.shape[0]
-        return 0
+__all__ = ["Prompt", "PromptArrays", "PromptBudget", "PromptLimitError", "check_boxes", "check_mask_input",
+           "check_points", "group_prompts"]
 
 
 def _finite(a: np.ndarray, what: str) -> None:
@@ -90,12 +68,12 @@ def check_points(points, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_mask_input(mask_input, n: int) -> np.ndarray:
-    """(N, 1, 256, 256) float32 low-resolution logits."""
+    """(N, 1, 256, 256) float32 low-resolution logits (``LOW_RES`` a side)."""
     m = np.asarray(mask_input, dtype=np.float32)
     if m.ndim == 3:
         m = m[:, None]
-    if m.ndim != 4 or m.shape[1:] != (1, 256, 256) or m.shape[0] != n:
-        raise ValueError(f"mask_input must have shape ({n}, 256, 256), got {m.shape}")
+    if m.ndim != 4 or m.shape[1:] != (1, LOW_RES, LOW_RES) or m.shape[0] != n:
+        raise ValueError(f"mask_input must have shape ({n}, {LOW_RES}, {LOW_RES}), got {m.shape}")
     _finite(m, "mask_input")
     return m
 

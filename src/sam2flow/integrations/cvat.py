@@ -1,7 +1,7 @@
 """CVAT serverless functions (nuclio): SAM2 as an interactor and as a detector.
 
 CVAT's lambda manager calls a nuclio function with a JSON body and passes its JSON answer on.
-``CvatFunction`` speaks that protocol with any ``SegmentationEngine`` (``Sam2Engine``, or
+``CvatFunction`` speaks that protocol with any ``SegmentingEngine`` (``Sam2Engine``, or
 ``RemoteEngine`` forwarding to a running ``sam2flow serve``); ``init_context`` and ``handler`` are
 the nuclio entry points (``deploy/cvat/sam2/main.py`` only wires nuclio to them).
 
@@ -64,14 +64,15 @@ import json
 import math
 import os
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..engine.cache import EmbeddingCache, content_hash
-from ..engine.engine import Prediction
 from ..engine.prompts import Prompt
+from ..engine.types import SegmentingEngine
 from ..formats import mask_to_polygons
 from ..images import ImageLimits, ImageTooLarge, decode_base64_image  # the project's one image decoder
 from ..workflows.remote import RemoteStepError
@@ -80,17 +81,6 @@ KINDS = ("interactor", "detector")
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_LABEL = "object"
 HISTORY_FRAMES = 64  # frames whose last interactor prompt and logits are kept for click-to-refine
-
-
-class SegmentationEngine(Protocol):
-    """What ``CvatFunction`` needs of an engine: ``Sam2Engine`` and ``RemoteEngine`` both have it."""
-
-    def embed(self, images: list[np.ndarray]) -> list[Any]: ...
-
-    def predict_prompts(self, embedding: Any, prompts: Sequence[Prompt], multimask_output: bool = True) -> Prediction:
-        ...
-
-    def automatic(self, embedding: Any, config: Any = None) -> Any: ...  # .masks (K, H, W) bool, .scores (K,)
 
 
 class CvatRequestError(ValueError):
@@ -299,7 +289,7 @@ def _extends(old: tuple, new: tuple) -> bool:
 
 
 class CvatFunction:
-    """CVAT's interactor or detector protocol on a ``SegmentationEngine``: ``function(body)`` →
+    """CVAT's interactor or detector protocol on a ``SegmentingEngine``: ``function(body)`` →
     ``(status, JSON-ready answer)``.
 
     ``label``: the detector's label name (it must be in the function's ``spec`` annotation).
@@ -308,7 +298,7 @@ class CvatFunction:
     (the engine must take ``mask_input``; a remote server keeps its own). Safe to share between threads.
     """
 
-    def __init__(self, engine: SegmentationEngine, kind: str = "interactor", label: str = DEFAULT_LABEL,
+    def __init__(self, engine: SegmentingEngine, kind: str = "interactor", label: str = DEFAULT_LABEL,
                  max_pixels: int = DEFAULT_MAX_PIXELS, automatic_config: Any = None, reuse_logits: bool = True):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -405,7 +395,7 @@ class FunctionConfig:
     points_per_side: int | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "FunctionConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FunctionConfig:
         env = os.environ if env is None else env
         get = lambda name, default=None: env.get(name, "").strip() or default  # noqa: E731
         config = cls(

@@ -2,8 +2,8 @@
 
 Every key of an original state dict is accounted for: it is renamed by exactly one rule, merged
 (the four point embeddings), or dropped because it belongs to the video-memory path that image
-segmentation never runs (an explicit list per family). Anything else is an error, and so is any
-``Sam2Model`` key left without a value.
+segmentation never runs (the exact keys of each family, from ``models/layout.py``). Anything else
+is an error, and so is any ``Sam2Model`` key left without a value.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import re
 
 import torch
 
-from .registry import VERSIONS, ModelSpec, get_spec
+from .layout import video_keys
+from .registry import FAMILIES, VERSIONS, ModelSpec, get_spec
+
+_HEADS = r"(output_hypernetworks_mlps\.\d|iou_prediction_head|pred_obj_score_head)"  # the decoder's MLP heads
 
 # (pattern, replacement), tried in order; the first full match wins.
 _RENAMES: list[tuple[re.Pattern, str]] = [
@@ -20,12 +23,17 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
     for p, r in [
         (r"no_mem_embed", "no_memory_embedding"),
         # Hiera trunk
-        (r"image_encoder\.trunk\.patch_embed\.proj\.(weight|bias)", r"vision_encoder.backbone.patch_embed.projection.\1"),
+        (r"image_encoder\.trunk\.patch_embed\.proj\.(weight|bias)",
+         r"vision_encoder.backbone.patch_embed.projection.\1"),
         (r"image_encoder\.trunk\.(pos_embed|pos_embed_window)", r"vision_encoder.backbone.\1"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.norm(1|2)\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.layer_norm\2.\3"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.attn.\2.\3"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.mlp.proj_in.\2"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.mlp.proj_out.\2"),
+        (r"image_encoder\.trunk\.blocks\.(\d+)\.norm(1|2)\.(weight|bias)",
+         r"vision_encoder.backbone.blocks.\1.layer_norm\2.\3"),
+        (r"image_encoder\.trunk\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)",
+         r"vision_encoder.backbone.blocks.\1.attn.\2.\3"),
+        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
+         r"vision_encoder.backbone.blocks.\1.mlp.proj_in.\2"),
+        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
+         r"vision_encoder.backbone.blocks.\1.mlp.proj_out.\2"),
         (r"image_encoder\.trunk\.blocks\.(\d+)\.proj\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.proj.\2"),
         # FPN neck
         (r"image_encoder\.neck\.convs\.(\d)\.conv\.(weight|bias)", r"vision_encoder.neck.convs.\1.\2"),
@@ -38,15 +46,20 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
         (r"sam_prompt_encoder\.mask_downscaling\.6\.(weight|bias)", r"prompt_encoder.mask_embed.conv3.\1"),
         # mask decoder: two-way transformer
         (r"sam_mask_decoder\.transformer\.(.+)\.out_proj\.(weight|bias)", r"mask_decoder.transformer.\1.o_proj.\2"),
-        (r"sam_mask_decoder\.transformer\.(.+)\.(q|k|v)_proj\.(weight|bias)", r"mask_decoder.transformer.\1.\2_proj.\3"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.(weight|bias)", r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\.(weight|bias)", r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\.(weight|bias)", r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2"),
-        (r"sam_mask_decoder\.transformer\.norm_final_attn\.(weight|bias)", r"mask_decoder.transformer.layer_norm_final_attn.\1"),
+        (r"sam_mask_decoder\.transformer\.(.+)\.(q|k|v)_proj\.(weight|bias)",
+         r"mask_decoder.transformer.\1.\2_proj.\3"),
+        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.(weight|bias)",
+         r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
+        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
+         r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
+        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
+         r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2"),
+        (r"sam_mask_decoder\.transformer\.norm_final_attn\.(weight|bias)",
+         r"mask_decoder.transformer.layer_norm_final_attn.\1"),
         # mask decoder: heads (three-layer MLPs: proj_in, layers.0, proj_out)
-        (r"sam_mask_decoder\.(output_hypernetworks_mlps\.\d|iou_prediction_head|pred_obj_score_head)\.layers\.0\.(weight|bias)", r"mask_decoder.\1.proj_in.\2"),
-        (r"sam_mask_decoder\.(output_hypernetworks_mlps\.\d|iou_prediction_head|pred_obj_score_head)\.layers\.1\.(weight|bias)", r"mask_decoder.\1.layers.0.\2"),
-        (r"sam_mask_decoder\.(output_hypernetworks_mlps\.\d|iou_prediction_head|pred_obj_score_head)\.layers\.2\.(weight|bias)", r"mask_decoder.\1.proj_out.\2"),
+        (rf"sam_mask_decoder\.{_HEADS}\.layers\.0\.(weight|bias)", r"mask_decoder.\1.proj_in.\2"),
+        (rf"sam_mask_decoder\.{_HEADS}\.layers\.1\.(weight|bias)", r"mask_decoder.\1.layers.0.\2"),
+        (rf"sam_mask_decoder\.{_HEADS}\.layers\.2\.(weight|bias)", r"mask_decoder.\1.proj_out.\2"),
         (r"sam_mask_decoder\.output_upscaling\.0\.(weight|bias)", r"mask_decoder.upscale_conv1.\1"),
         (r"sam_mask_decoder\.output_upscaling\.1\.(weight|bias)", r"mask_decoder.upscale_layer_norm.\1"),
         (r"sam_mask_decoder\.output_upscaling\.3\.(weight|bias)", r"mask_decoder.upscale_conv2.\1"),
@@ -58,16 +71,10 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
 _POSITIONAL = "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 _POINT_EMBED = re.compile(r"sam_prompt_encoder\.point_embeddings\.(\d)\.weight")
 
-# Video-memory weights: present in the original checkpoints, never used on single images.
-_VIDEO_ONLY = {
-    "sam2": [
-        r"maskmem_tpos_enc", r"no_mem_pos_enc", r"no_obj_ptr",
-        r"mask_downsample\.(weight|bias)",
-        r"memory_attention\..+", r"memory_encoder\..+", r"obj_ptr_proj\..+",
-    ],
-}
-_VIDEO_ONLY["sam2.1"] = _VIDEO_ONLY["sam2"] + [r"no_obj_embed_spatial", r"obj_ptr_tpos_proj\.(weight|bias)"]
-_VIDEO_ONLY_RE = {f: re.compile("|".join(f"(?:{p})" for p in ps)) for f, ps in _VIDEO_ONLY.items()}
+# Video-memory weights: present in the original checkpoints, never used on single images. SAM 2.1
+# added two, which tell the families apart.
+_VIDEO_ONLY = {family: video_keys(family) for family in FAMILIES}
+_SAM2_1_ONLY = _VIDEO_ONLY["sam2.1"] - _VIDEO_ONLY["sam2"]
 
 
 class CheckpointError(ValueError):
@@ -78,11 +85,11 @@ def detect_spec(state_dict: dict[str, torch.Tensor]) -> tuple[str | None, str | 
     """(version, family) of an original state dict; None for what cannot be told.
 
     The version follows from the trunk's depth and width; the family only from video-memory keys
-    (2.1 added ``no_obj_embed_spatial`` and ``obj_ptr_tpos_proj``).
+    (2.1 added ``no_obj_embed_spatial`` and ``obj_ptr_tpos_proj``; see ``models/layout.py``).
     """
-    if "no_obj_embed_spatial" in state_dict or "obj_ptr_tpos_proj.weight" in state_dict:
+    if not _SAM2_1_ONLY.isdisjoint(state_dict):
         family = "sam2.1"
-    elif any(k.startswith("memory_attention.") for k in state_dict):
+    elif not _VIDEO_ONLY["sam2"].isdisjoint(state_dict):
         family = "sam2"
     else:
         family = None
@@ -110,7 +117,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
             f"checkpoint is {found}, not the requested {spec.name}: pass the matching version and family "
             f"(version={version or spec.version!r}, family={family or spec.family!r}) or use the matching file"
         )
-    video = _VIDEO_ONLY_RE[spec.family]
+    video = _VIDEO_ONLY[spec.family]
     out: dict[str, torch.Tensor] = {}
     points: dict[int, torch.Tensor] = {}
     unknown: list[str] = []
@@ -122,7 +129,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> 
             out["shared_image_embedding.positional_embedding"] = value.clone()
         elif m := _POINT_EMBED.fullmatch(key):
             points[int(m.group(1))] = value
-        elif video.fullmatch(key):
+        elif key in video:
             continue
         else:
             for pattern, replacement in _RENAMES:

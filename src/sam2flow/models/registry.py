@@ -8,8 +8,10 @@ only the video-memory weights that images never use differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-VERSIONS = ("hiera_tiny", "hiera_small", "hiera_b_plus", "hiera_large")
+Version = Literal["hiera_tiny", "hiera_small", "hiera_b_plus", "hiera_large"]  # the step's `version` values
+VERSIONS: tuple[str, ...] = get_args(Version)
 FAMILIES = ("sam2.1", "sam2")
 DEFAULT_VERSION = "hiera_tiny"
 DEFAULT_FAMILY = "sam2.1"

@@ -83,7 +83,8 @@ def model_from_hf(directory_or_repo: str | os.PathLike, spec: ModelSpec, local_o
             output_loading_info=True,
         )
     except Exception as e:
-        raise CheckpointError(f"cannot load a Hugging Face SAM2 model from {directory_or_repo}: {str(e)[:300]}") from None
+        raise CheckpointError(
+            f"cannot load a Hugging Face SAM2 model from {directory_or_repo}: {str(e)[:300]}") from None
     _check_hf_config(model, spec, str(directory_or_repo))
     # transformers only logs missing (then randomly initialised) and unexpected keys; we refuse them.
     # Video-memory keys are already left out of ``unexpected_keys`` by Sam2Model's own ignore list.

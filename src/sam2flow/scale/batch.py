@@ -10,9 +10,9 @@ from __future__ import annotations
 import glob
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

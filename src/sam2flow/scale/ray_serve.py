@@ -23,8 +23,11 @@ import signal
 import sys
 import time
 
+import numpy as np
 import requests
 
+from ..engine.types import ImageEmbedding
+from ..server.batching import Engine, embed_each
 from ..server.settings import ServerSettings
 from .ray_common import ray_cluster, require_ray
 
@@ -33,22 +36,9 @@ REPLICA_OPTIONS = ("replicas", "min_replicas", "max_replicas", "num_gpus_per_rep
                    "target_ongoing_requests")
 
 
-def _embed_each(engine, images: list) -> list:
-    """Embeddings of ``images`` in one call; if that fails, each alone, a failure as its exception."""
-    try:
-        return engine.embed(images)
-    except Exception:  # one bad image must not fail its neighbours
-        out = []
-        for image in images:
-            try:
-                out.append(engine.embed([image])[0])
-            except Exception as e:
-                out.append(e)
-        return out
-
-
 class ServeEmbedBatcher:
-    """The app's ``EmbedBatcher`` interface (``submit``, ``embed``, ``close``) on ``@serve.batch``.
+    """The app's batcher interface (``server.batching.EmbeddingBatcher``: ``submit``, ``embed``,
+    ``close``) on ``@serve.batch``.
 
     ``submit`` is called on the replica's event loop (request handlers); ``embed`` from worker
     threads (the workflow runner), which hand the work to that loop.
@@ -68,7 +58,7 @@ class ServeEmbedBatcher:
             for idx in groups.values():
                 engine = items[idx[0]][0]
                 # Model work off the event loop, which keeps collecting the next batch meanwhile.
-                embs = await asyncio.to_thread(_embed_each, engine, [items[i][1] for i in idx])
+                embs = await asyncio.to_thread(embed_each, engine, [items[i][1] for i in idx])
                 for i, emb in zip(idx, embs):
                     results[i] = emb
             return results
@@ -79,18 +69,18 @@ class ServeEmbedBatcher:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    async def _one(self, engine, image):
+    async def _one(self, engine: Engine, image: np.ndarray) -> ImageEmbedding:
         result = await self._batched((engine, image))
         if isinstance(result, Exception):
             raise result
         return result
 
-    def submit(self, engine, image) -> asyncio.Future:
+    def submit(self, engine: Engine, image: np.ndarray) -> asyncio.Future:
         """Queue one RGB image for ``engine`` (on the event loop); resolves to its ``ImageEmbedding``."""
         self._loop = asyncio.get_running_loop()
         return asyncio.ensure_future(self._one(engine, image))
 
-    def embed(self, engine, images: list) -> list:
+    def embed(self, engine: Engine, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """Blocking form for worker threads: same batching as ``submit``."""
         if self._loop is None:
             raise RuntimeError("ServeEmbedBatcher.embed called before the replica served a request")

@@ -22,14 +22,16 @@ from fastapi.responses import JSONResponse, Response
 from .. import __version__
 from ..engine.automatic import AutomaticConfig
 from ..engine.cache import EmbeddingCache
+from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
 from ..engine.prompts import Prompt, PromptBudget, PromptLimitError
+from ..engine.types import ImageEmbedding
 from ..formats import mask_to_polygons, mask_to_rle
+from ..images import ImageTooLarge, load_wire_image, wire_loader
 from ..models.convert import CheckpointError
 from ..models.registry import get_spec
-from ..images import ImageTooLarge, load_wire_image, wire_loader
 from ..workflows.runner import run_workflow, serialize_outputs
-from .batching import BatchedEngine, EmbedBatcher
+from .batching import BatchedEngine, EmbedBatcher, EmbeddingBatcher
 from .metrics import ServerMetrics
 from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
 from .settings import ServerSettings
@@ -41,6 +43,8 @@ class Unauthorized(Exception):
 
 class ServerState:
     """Models, batcher and caches shared by all requests of one app."""
+
+    batcher: EmbeddingBatcher  # an ``EmbedBatcher``; a Ray Serve replica swaps in its ``ServeEmbedBatcher``
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
@@ -59,7 +63,7 @@ class ServerState:
         self.ready = threading.Event()
         self.load_error: str | None = None
 
-    def engine(self, version: str):
+    def engine(self, version: str) -> Sam2Engine:
         get_spec(version, self.settings.family)  # unknown version → 400 before anything loads
         if version not in self.pool.resident:
             start = time.perf_counter()
@@ -77,8 +81,8 @@ class ServerState:
             return
         self.ready.set()
 
-    def get(self, version: str):
-        """For the workflow runner: engines whose embedding goes through the batcher."""
+    def get(self, version: str) -> BatchedEngine:
+        """For the workflow runner (an ``EngineProvider``): engines whose embedding goes through the batcher."""
         return BatchedEngine(self.engine(version), self.batcher)
 
 
@@ -155,7 +159,8 @@ def _with_cached_logits(prompts: list[Prompt], cached) -> list[Prompt]:
     for i, p in enumerate(prompts):
         sig = _signature(p)
         old = old_signatures[i] if i < len(old_signatures) else None
-        extends = old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1] and sig[2][: len(old[2])] == old[2]
+        extends = (old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1]
+                   and sig[2][: len(old[2])] == old[2])
         out.append(Prompt(p.box, p.points, p.labels, logits[i]) if extends else p)
     return out
 
@@ -243,7 +248,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 "dtype": settings.dtype, "models": state.pool.resident, "max_batch_size": settings.max_batch_size,
                 "max_prompts": settings.max_prompts, "url_images": settings.allow_url_images}
 
-    async def embedding_for(version: str, image_ref, image_id: str | None):
+    async def embedding_for(version: str, image_ref, image_id: str | None) -> tuple[Sam2Engine, ImageEmbedding]:
         engine = await run_in_threadpool(state.engine, version)
         if image_ref is None:
             cached = state.by_id.get((version, image_id)) if image_id else None
@@ -253,7 +258,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             return engine, cached
         image = await run_in_threadpool(load_wire_image, image_ref.model_dump(), "image", limits)
         emb = await asyncio.wrap_future(state.batcher.submit(engine, image))
-        state.by_id.put((version, image_id or emb.key.split("|")[-1]), emb)
+        state.by_id.put((version, image_id or emb.image_id), emb)
         return engine, emb
 
     @app.post("/sam2/embed_image")
@@ -261,7 +266,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         _authorize(state, request, body.api_key)
         start = time.perf_counter()
         _, emb = await embedding_for(body.sam2_version_id, body.image, body.image_id)
-        return {"image_id": body.image_id or emb.key.split("|")[-1], "time": time.perf_counter() - start}
+        return {"image_id": body.image_id or emb.image_id, "time": time.perf_counter() - start}
 
     @app.post("/sam2/segment_image")
     async def segment_image(body: SegmentRequest, request: Request):

@@ -8,13 +8,50 @@ block the event loop on model work.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
+
+from ..engine.automatic import AutomaticConfig
+from ..engine.types import ImageEmbedding, Prediction, Prompt, ScoredMasks, SegmentingEngine
+
+Engine = SegmentingEngine[ImageEmbedding]  # the server's engines: ``Sam2Engine``, or any backend like it
+
+
+class EmbeddingBatcher(Protocol):
+    """What the app needs of a batcher (``state.batcher``): ``EmbedBatcher`` here, or Ray Serve's
+    ``scale.ray_serve.ServeEmbedBatcher`` swapped in by each replica.
+
+    ``submit`` queues one image for an engine from the event loop (await the result with
+    ``asyncio.wrap_future``); ``embed`` is the blocking form for worker threads; ``close`` stops it.
+    """
+
+    def submit(self, engine: Engine, image: np.ndarray) -> Future | asyncio.Future: ...
+
+    def embed(self, engine: Engine, images: list[np.ndarray]) -> list[ImageEmbedding]: ...
+
+    def close(self) -> None: ...
+
+
+def embed_each(engine: Engine, images: Sequence[np.ndarray]) -> list[ImageEmbedding | Exception]:
+    """Embeddings of ``images`` in one call; if that fails, each image alone, so one bad image does
+    not fail its neighbours: a failure is returned in its place as the exception it raised."""
+    try:
+        return engine.embed(list(images))
+    except Exception:
+        out: list[ImageEmbedding | Exception] = []
+        for image in images:
+            try:
+                out.append(engine.embed([image])[0])
+            except Exception as e:
+                out.append(e)
+        return out
 
 
 class EmbedBatcher:
@@ -28,13 +65,13 @@ class EmbedBatcher:
         self._thread = threading.Thread(target=self._run, name="sam2flow-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, engine, image: np.ndarray) -> Future:
+    def submit(self, engine: Engine, image: np.ndarray) -> Future:
         """Queue one RGB image for ``engine``; the future resolves to its ``ImageEmbedding``."""
         future: Future = Future()
         self._queue.put((engine, image, future))
         return future
 
-    def embed(self, engine, images: list[np.ndarray]) -> list:
+    def embed(self, engine: Engine, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """Blocking form for worker threads (the workflow runner): same batching as ``submit``."""
         futures = [self.submit(engine, im) for im in images]
         return [f.result() for f in futures]
@@ -73,28 +110,29 @@ class EmbedBatcher:
     def _embed_group(self, items: list) -> None:
         engine = items[0][0]
         self._on_batch(len(items))
-        try:
-            results = engine.embed([im for _, im, _ in items])
-        except Exception:
-            # One bad image must not fail its neighbours: retry each alone.
-            for _, im, future in items:
-                try:
-                    future.set_result(engine.embed([im])[0])
-                except Exception as e:
-                    future.set_exception(e)
-            return
-        for (_, _, future), emb in zip(items, results):
-            future.set_result(emb)
+        for (_, _, future), result in zip(items, embed_each(engine, [im for _, im, _ in items])):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 class BatchedEngine:
-    """An engine whose ``embed`` goes through the batcher (for code that calls ``engine.embed``)."""
+    """A ``SegmentingEngine`` whose ``embed`` goes through the batcher; decoding is the engine's own.
 
-    def __init__(self, engine, batcher: EmbedBatcher):
+    The workflow runner gets these from the server (``ServerState.get``), so concurrent workflow
+    requests are embedded together with the segment requests.
+    """
+
+    def __init__(self, engine: Engine, batcher: EmbeddingBatcher):
         self._engine, self._batcher = engine, batcher
 
-    def embed(self, images, use_cache: bool = True):
+    def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[ImageEmbedding]:
         return self._batcher.embed(self._engine, list(images))
 
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
+    def predict_prompts(self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask_output: bool = True,
+                        max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
+        return self._engine.predict_prompts(embedding, prompts, multimask_output, max_hole_area, max_sprinkle_area)
+
+    def automatic(self, embedding: ImageEmbedding, config: AutomaticConfig | None = None) -> ScoredMasks:
+        return self._engine.automatic(embedding, config)

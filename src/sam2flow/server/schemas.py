@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -60,26 +60,26 @@ class Point(BaseModel):
 
 
 class PromptModel(BaseModel):
-    box: Optional[Box] = None
-    points: Optional[list[Point]] = None
+    box: Box | None = None
+    points: list[Point] | None = None
 
 
 class _Request(BaseModel):
     # Clients send bookkeeping fields of their own (source, usage tags): accepted, ignored.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-    api_key: Optional[str] = None
+    api_key: str | None = None
 
 
 class EmbedRequest(_Request):
     image: WireImage
-    image_id: Optional[str] = Field(default=None, max_length=256)
+    image_id: str | None = Field(default=None, max_length=256)
     sam2_version_id: str = "hiera_tiny"
 
 
 class SegmentRequest(_Request):
-    image: Optional[WireImage] = None
-    image_id: Optional[str] = Field(default=None, max_length=256)
-    prompts: Optional[list[PromptModel]] = None  # also accepted wrapped: {"prompts": [...]}
+    image: WireImage | None = None
+    image_id: str | None = Field(default=None, max_length=256)
+    prompts: list[PromptModel] | None = None  # also accepted wrapped: {"prompts": [...]}
     multimask_output: bool = True
     sam2_version_id: str = "hiera_tiny"
     format: Literal["json", "rle", "binary"] = "json"
@@ -101,5 +101,5 @@ class WorkflowRunRequest(_Request):
     specification: dict
     inputs: dict = Field(default_factory=dict)
     use_cache: bool = True
-    excluded_fields: Optional[list[str]] = None
+    excluded_fields: list[str] | None = None
     enable_profiling: bool = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,7 +23,7 @@ class ServerSettings(BaseSettings):
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32 (float16 on CUDA)
     family: str = "sam2.1"
     preload: Annotated[list[str], NoDecode] = []  # versions loaded at start-up; /readyz waits for them
-    checkpoint: Optional[str] = None  # weights for the first preloaded (or default) version
+    checkpoint: str | None = None  # weights for the first preloaded (or default) version
     max_resident_models: int = 2
     max_batch_size: int = 4  # images embedded together across concurrent requests
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests
@@ -38,7 +38,7 @@ class ServerSettings(BaseSettings):
     url_max_bytes: int = 20 << 20
     url_timeout_s: float = 10.0  # the whole download
     url_hosts: Annotated[list[str], NoDecode] = []  # hosts that may be fetched even on local/private addresses
-    api_key: Optional[str] = None
+    api_key: str | None = None
     automatic_points_per_side: int = 32  # unprompted requests: the point grid (cost grows with its square)
 
     @field_validator("preload", "url_hosts", mode="before")

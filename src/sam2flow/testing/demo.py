@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import supervision as sv
 
+from ..formats import mask_iou
 from .scenes import KINDS, Scene, make_scene
 
 DEMO_DEFINITION = {
@@ -76,14 +77,9 @@ def run_demo(out_dir: str | Path, seed: int = 3, size: tuple[int, int] = (480, 6
     # each output names its prompting box (parent_id): compare with that shape's true mask
     row = {pid: i for i, pid in enumerate(boxes.data["detection_id"])}
     truth = [scene.masks[row[pid]] for pid in detections.data["parent_id"]]
-    ious = np.array([_iou(m, t) for m, t in zip(detections.mask, truth)])
+    ious = np.array([mask_iou(m, t) for m, t in zip(detections.mask, truth)])
     files = {"input": out / "input.png", "annotated": out / "annotated.png", "result": out / "result.json"}
     Image.fromarray(scene.image).save(files["input"])
     write_annotated(scene.image, detections, files["annotated"])
     files["result"].write_text(json.dumps(serialize_outputs(result)[0], indent=1) + "\n")
     return DemoResult(scene, detections, ious, files)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..models.registry import VERSIONS
 from .step import DETECTION_KINDS, IMAGE_KIND, INPUT_SELECTOR, STEP_SELECTOR, STEP_TYPE, SegmentAnything2Manifest
 
 IMAGE_INPUTS = ("WorkflowImage", "InferenceImage")
@@ -75,7 +76,8 @@ def _parse_inputs(items: Any) -> dict[str, InputSpec]:
         elif kind in BATCH_INPUTS:
             inputs[name] = InputSpec(name, "batch", tuple(_kind_names(item.get("kind") or (), where)))
         else:
-            _fail(where, f"unknown input type {kind!r} (expected WorkflowImage, WorkflowParameter or WorkflowBatchInput)")
+            _fail(where,
+                  f"unknown input type {kind!r} (expected WorkflowImage, WorkflowParameter or WorkflowBatchInput)")
     return inputs
 
 
@@ -109,7 +111,7 @@ def _parse_step(i: int, item: Any) -> SegmentAnything2Manifest:
 
 
 _EXPECTED = {
-    "version": "must be one of hiera_large, hiera_small, hiera_tiny, hiera_b_plus, or a $inputs.<name> selector",
+    "version": f"must be one of {', '.join(VERSIONS)}, or a $inputs.<name> selector",
     "threshold": "must be a number or a $inputs.<name> selector",
     "multimask_output": "must be true, false or a $inputs.<name> selector",
     "use_keypoints_as_points": "must be true, false or a $inputs.<name> selector",
@@ -180,7 +182,8 @@ def _parse_outputs(items: Any, inputs, steps) -> list[tuple[str, str]]:
         _fail("outputs", "must be a non-empty list")
     outputs = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("selector"), str):
+        named = isinstance(item, dict) and isinstance(item.get("name"), str)
+        if not named or not isinstance(item.get("selector"), str):
             _fail(f"outputs[{i}]", "needs a 'name' and a 'selector'")
         if item.get("type", "JsonField") != "JsonField":
             _fail(f"output {item['name']!r}", f"unknown output type {item.get('type')!r} (expected JsonField)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import requests
 
-from ..engine.engine import Prediction
-from ..engine.prompts import Prompt
+from ..engine.automatic import AutomaticConfig
+from ..engine.types import LOW_RES, Prediction, Prompt
 from ..formats import rle_to_mask
 
 TRANSIENT_STATUS = {502, 503, 504}
@@ -29,7 +30,7 @@ class RemoteStepError(RuntimeError):
 
 @dataclass(frozen=True)
 class RemoteImage:
-    """What ``embed`` hands back remotely: the image itself (embedding happens on the server)."""
+    """What ``embed`` hands back remotely (an ``Embedded``): the image itself, embedded on the server."""
 
     image: np.ndarray
 
@@ -40,6 +41,10 @@ class RemoteImage:
 
 @dataclass(frozen=True)
 class RemoteMasks:
+    """Unprompted masks from the server (a ``ScoredMasks``): ``masks`` (K, H, W) bool, ``scores`` (K,)
+    float32, best first. Only these two: the server's answer carries no stability scores, boxes or clicks
+    (``engine.automatic.AutomaticResult`` has them locally)."""
+
     masks: np.ndarray
     scores: np.ndarray
 
@@ -60,12 +65,16 @@ def _prompt_json(p: Prompt) -> dict:
         x1, y1, x2, y2 = (float(v) for v in p.box)
         out["box"] = {"x": (x1 + x2) / 2, "y": (y1 + y2) / 2, "width": x2 - x1, "height": y2 - y1}
     if p.points is not None:
-        out["points"] = [{"x": float(x), "y": float(y), "positive": bool(lab)} for (x, y), lab in zip(p.points, p.labels)]
+        out["points"] = [{"x": float(x), "y": float(y), "positive": bool(lab)}
+                         for (x, y), lab in zip(p.points, p.labels)]
     return out
 
 
 class RemoteEngine:
-    """Stands in for ``Sam2Engine`` in the step: same calls, answered by a sam2flow server."""
+    """Stands in for ``Sam2Engine`` in the step: a ``SegmentingEngine[RemoteImage]`` whose calls a
+    sam2flow server answers. Differences: ``predict_prompts`` returns zero low-resolution logits (the
+    server keeps its own), mask prompts cannot be sent, ``automatic`` takes no config (the server's
+    settings apply) and returns ``RemoteMasks``."""
 
     def __init__(self, api_url: str, version: str, api_key: str | None = None, timeout_s: float = 120.0,
                  retries: int = 3, backoff_s: float = 0.5):
@@ -74,23 +83,24 @@ class RemoteEngine:
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self._session = requests.Session()
 
-    def embed(self, images: list[np.ndarray]) -> list[RemoteImage]:
+    def embed(self, images: Sequence[np.ndarray]) -> list[RemoteImage]:
         return [RemoteImage(im) for im in images]
 
-    def predict_prompts(self, emb: RemoteImage, prompts: list[Prompt], multimask_output: bool = True,
+    def predict_prompts(self, embedding: RemoteImage, prompts: Sequence[Prompt], multimask_output: bool = True,
                         max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
-        h, w = emb.original_size
+        h, w = embedding.original_size
         if not prompts:
-            return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, 256, 256), np.float32))
+            return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32),
+                              np.zeros((0, LOW_RES, LOW_RES), np.float32))
         cleanup = {"max_hole_area": max_hole_area, "max_sprinkle_area": max_sprinkle_area}
-        masks, scores = self._segment(emb.image, [_prompt_json(p) for p in prompts], multimask_output, cleanup)
+        masks, scores = self._segment(embedding.image, [_prompt_json(p) for p in prompts], multimask_output, cleanup)
         # The server keeps its low-resolution logits; remote results carry none.
-        return Prediction(masks, scores, np.zeros((len(scores), 256, 256), np.float32))
+        return Prediction(masks, scores, np.zeros((len(scores), LOW_RES, LOW_RES), np.float32))
 
-    def automatic(self, emb: RemoteImage, config=None) -> RemoteMasks:
+    def automatic(self, embedding: RemoteImage, config: AutomaticConfig | None = None) -> RemoteMasks:
         if config is not None:
             raise ValueError("remote execution uses the server's automatic-mode settings; pass no automatic_config")
-        masks, scores = self._segment(emb.image, None, True)
+        masks, scores = self._segment(embedding.image, None, True)
         return RemoteMasks(masks, scores)
 
     def _segment(self, image: np.ndarray, prompts: list | None, multimask: bool,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import supervision as sv
 
+from ..engine.automatic import AutomaticConfig
 from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
 from ..engine.prompts import PromptBudget
+from ..engine.types import EngineProvider
 from ..formats import detections_to_predictions
 from ..images import ImageLoader
 from .definition import Definition, WorkflowDefinitionError, parse_definition
@@ -21,8 +24,8 @@ from .step import INPUT_SELECTOR, STEP_SELECTOR, StepParameters, segment_images
 def run_workflow(
     definition: Mapping | Definition,
     inputs: Mapping[str, Any],
-    engines: EnginePool | Sam2Engine | None = None,  # or any object with get(version) -> engine
-    automatic_config=None,
+    engines: EngineProvider | Sam2Engine | None = None,
+    automatic_config: AutomaticConfig | None = None,
     execution: str | None = None,
     api_url: str | None = None,
     api_key: str | None = None,
@@ -36,6 +39,9 @@ def run_workflow(
     JSON prediction format (one per image); parameters as plain values. Detection outputs are
     ``sv.Detections``; ``serialize_outputs`` turns results into JSON.
 
+    ``engines``: where the step's engines come from: an ``EngineProvider`` (``get(version)``: an
+    ``EnginePool``, the server's state), one ``Sam2Engine``, or ``None`` for a new ``EnginePool``.
+
     ``execution="remote"`` (or ``$SAM2FLOW_REMOTE_URL`` set, with ``execution`` left unset) sends
     the step's work to the sam2flow server at ``api_url`` (default ``$SAM2FLOW_REMOTE_URL``),
     with ``api_key`` (default ``$SAM2FLOW_API_KEY``); no model is loaded here.
@@ -47,12 +53,13 @@ def run_workflow(
     """
     engines = _engines_for(execution, api_url, api_key, engines)
     d = definition if isinstance(definition, Definition) else parse_definition(definition)
+    pool: EngineProvider
     if engines is None:
         pool = EnginePool()
     elif isinstance(engines, Sam2Engine):
         pool = EnginePool.of(engines)
     else:
-        pool = engines  # anything with get(version) -> engine: an EnginePool, the server's models
+        pool = engines
     unknown = sorted(set(inputs) - set(d.inputs))
     if unknown:
         raise ValueError(f"unknown workflow input(s): {', '.join(unknown)} (the definition has {', '.join(d.inputs)})")
@@ -97,7 +104,8 @@ def run_workflow(
     return [{out: _select(sel, i, inputs, params, results) for out, sel in d.outputs} for i in range(size)]
 
 
-def _engines_for(execution, api_url, api_key, engines):
+def _engines_for(execution: str | None, api_url: str | None, api_key: str | None,
+                 engines: EngineProvider | Sam2Engine | None) -> EngineProvider | Sam2Engine | None:
     remote_url = api_url or os.environ.get("SAM2FLOW_REMOTE_URL")
     execution = execution or ("remote" if remote_url and engines is None else "local")
     if execution == "local":

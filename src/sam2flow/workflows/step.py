@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import supervision as sv
@@ -17,11 +17,12 @@ from pydantic import (
 )
 
 from ..detections import attach_image_metadata, keypoint_clicks, masks_to_detections, prompt_fields
-from ..engine.prompts import Prompt
+from ..engine.automatic import AutomaticConfig
 from ..engine.transforms import check_region_area
+from ..engine.types import Prompt, SegmentingEngine
+from ..models.registry import Version
 
 STEP_TYPE = "roboflow_core/segment_anything@v1"
-Version = Literal["hiera_large", "hiera_small", "hiera_tiny", "hiera_b_plus"]
 
 INPUT_SELECTOR = re.compile(r"^\$inputs\.([A-Za-z_][\w-]*)$")
 STEP_SELECTOR = re.compile(r"^\$steps\.([A-Za-z_][\w-]*)\.([A-Za-z_][\w-]*|\*)$")
@@ -119,12 +120,12 @@ def prompts_for(detections: sv.Detections, use_keypoints: bool) -> list[Prompt]:
 
 
 def segment_images(
-    engine,
+    engine: SegmentingEngine[Any],
     images: list[np.ndarray],
     image_ids: list[str],
     boxes: list[sv.Detections] | None,
     params: StepParameters,
-    automatic_config=None,
+    automatic_config: AutomaticConfig | None = None,
 ) -> list[sv.Detections]:
     """Run the step on a batch: RGB images (embedded together), optional detections per image."""
     if boxes is not None and len(boxes) != len(images):
@@ -145,7 +146,9 @@ def segment_images(
     return out
 
 
-def _automatic(engine, emb, params: StepParameters, config) -> sv.Detections:
+def _automatic(
+    engine: SegmentingEngine[Any], emb: Any, params: StepParameters, config: AutomaticConfig | None
+) -> sv.Detections:
     result = engine.automatic(emb, config)
     order = np.argsort(-result.scores, kind="stable")  # class ids follow decreasing score
     ids = list(range(len(order)))
