@@ -1,0 +1,76 @@
+"""``sam2flow batch INPUT --out FILE``: a folder or glob of images into JSON Lines, resumably (or on Ray)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import add_cleanup_args, add_model_args, for_remote_workers, step_parameters
+
+
+def add_parser(sub) -> None:
+    bat = sub.add_parser("batch", help="segment a directory (or glob) of images into JSON Lines, resumably")
+    bat.add_argument("input", help="a directory of images or a glob pattern (quote it)")
+    bat.add_argument("--boxes", help="a directory of <stem>.json detections or one JSONL with a 'file' key; "
+                                     "without it, unprompted mode")
+    bat.add_argument("--out", type=Path, required=True, help="output .jsonl (appended; re-runs skip done files)")
+    bat.add_argument("--format", choices=("rle", "polygon"), default="rle")
+    bat.add_argument("--batch-size", type=int, default=4, help="images embedded together")
+    bat.add_argument("--threshold", type=float, default=0.0)
+    bat.add_argument("--single-mask", action="store_true")
+    add_cleanup_args(bat)
+    bat.add_argument("--points-per-side", type=int, default=32, help="unprompted mode's point grid")
+    add_model_args(bat)
+    bat.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); "
+                     "--out may then also be a .parquet directory")
+    bat.add_argument("--ray-address", help="with --ray: the cluster to join ('auto': this machine's; "
+                                           "default $RAY_ADDRESS, else a new local cluster)")
+    bat.add_argument("--ray-actors", type=int,
+                     help="with --ray: model actors (default one per GPU, else per CPU less one)")
+    bat.add_argument("--ray-gpus-per-actor", type=float,
+                     help="with --ray: GPU share per actor (default 1 on GPU clusters)")
+    bat.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs per actor (default 1)")
+    bat.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..engine.automatic import AutomaticConfig
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    config = AutomaticConfig(points_per_side=args.points_per_side)
+    if args.ray:
+        return _run_ray(args, config)
+    from ..engine.engine import Sam2Engine
+    from ..scale.batch import run_batch
+
+    if args.out.suffix != ".jsonl":
+        raise ValueError(f"--out {args.out} must end in .jsonl")
+    engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
+                                        dtype=args.dtype, max_batch_size=args.batch_size, compile=args.compile)
+    summary = run_batch(engine, args.input, args.out, args.boxes, args.format, args.batch_size, step_parameters(args),
+                        automatic_config=config)
+    return _summary(summary)
+
+
+def _run_ray(args, config) -> int:
+    from ..scale.ray_common import require_ray
+
+    require_ray()  # before any work: without Ray this is the one line the user sees
+    from ..scale.ray_batch import run_ray_batch
+
+    if args.out.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--out {args.out} must end in .jsonl or .parquet")
+    engine_args = {"version": args.version, "family": args.family, "checkpoint": for_remote_workers(args.checkpoint),
+                   "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size,
+                   "compile": args.compile}
+    summary = run_ray_batch(args.input, args.out, engine_args, args.boxes, args.format, args.batch_size,
+                            step_parameters(args), config, args.ray_address, args.ray_actors,
+                            args.ray_gpus_per_actor, args.ray_cpus_per_actor)
+    return _summary(summary)
+
+
+def _summary(summary) -> int:
+    failed = f"; unreadable: {', '.join(summary.failed)}" if summary.failed else ""
+    print(f"sam2flow batch: {summary.line()}{failed}", file=sys.stderr)
+    return 0

@@ -1,0 +1,70 @@
+"""What the commands share: the one-line-error parser, model and mask clean-up flags, step parameters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..engine.precision import DTYPE_CHOICES
+from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sam2flow: error: {message}\n")
+
+
+def floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    """``"1,2,3"`` → ``[1.0, 2.0, 3.0]`` with one of ``n`` values, or an argparse error naming ``what``."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not comma-separated numbers") from None
+    if len(values) not in n:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} needs {' or '.join(map(str, n))} numbers")
+    return values
+
+
+def _area(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", choices=VERSIONS, default=DEFAULT_VERSION)
+    p.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
+    p.add_argument("--checkpoint", help="an original .pt, a Hugging Face directory or repository id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
+                        "float32 gives the reference's masks")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
+
+
+def add_cleanup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-hole-area", type=_area, default=0, metavar="PIXELS",
+                   help="fill holes of at most this many low-resolution (256x256) pixels; 0 = off (default)")
+    p.add_argument("--max-sprinkle-area", type=_area, default=0, metavar="PIXELS",
+                   help="erase specks of at most this many low-resolution (256x256) pixels; 0 = off (default)")
+
+
+def step_parameters(args):
+    """The workflow step's parameters from ``--version``, ``--threshold``, ``--single-mask`` and the clean-up flags."""
+    from ..workflows.step import StepParameters
+
+    return StepParameters(args.version, args.threshold, not args.single_mask, max_hole_area=args.max_hole_area,
+                          max_sprinkle_area=args.max_sprinkle_area)
+
+
+def for_remote_workers(checkpoint: str | None) -> str | None:
+    """A local checkpoint path made absolute: Ray actors and replicas do not share our working directory."""
+    if checkpoint and Path(checkpoint).exists():
+        return str(Path(checkpoint).resolve())
+    return checkpoint
