@@ -140,7 +140,8 @@ def test_unreadable_image_and_missing_weights(tmp_path, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     proc = run_cli("segment", bad, "--box", "1,2,3,4", check=False)
-    assert proc.returncode == 1 and "cannot be read" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 1 and "bad.png: not a readable image" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
     monkeypatch.setenv("SAM2FLOW_WEIGHTS_DIR", str(tmp_path))
