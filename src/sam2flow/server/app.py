@@ -31,6 +31,7 @@ from ..images import ImageTooLarge, load_wire_image, wire_loader
 from ..workflows.runner import run_workflow, serialize_outputs
 from .batching import BatchedEngine, EmbedBatcher
 from .metrics import ServerMetrics
+from .page import page_router
 from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
 from .settings import ServerSettings
 
@@ -306,6 +307,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         outputs = await run_in_threadpool(run)
         return {"outputs": outputs, "profiler_trace": [], "time": time.perf_counter() - start}
 
+    app.include_router(page_router(state, lambda request, key: _authorize(state, request, key)))
     if settings.max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
