@@ -149,15 +149,19 @@ def status_text(driver) -> str:
 
 
 def set_label(driver, label: str):
+    """Deselect (New object), then type the class the next object gets."""
+    driver.find_element(By.ID, "new-object").click()
     field = driver.find_element(By.ID, "label")
     field.clear()
-    field.send_keys(label)
-    driver.find_element(By.TAG_NAME, "body").send_keys("n")  # new object: the next box starts one
+    field.send_keys(label + "\n")
 
 
 def box_around(scene, k: int, margin: int = 3) -> list[float]:
+    """Shape ``k``'s box with a margin, inside the image (a drag must start on the canvas)."""
+    h, w = scene.masks.shape[1:]
     x1, y1, x2, y2 = scene.boxes[k]
-    return [float(x1 - margin), float(y1 - margin), float(x2 + 1 + margin), float(y2 + 1 + margin)]
+    return [float(max(x1 - margin, 1)), float(max(y1 - margin, 1)), float(min(x2 + 1 + margin, w - 2)),
+            float(min(y2 + 1 + margin, h - 2))]
 
 
 def outside_point(scene, k: int) -> tuple[float, float]:
@@ -226,12 +230,17 @@ def test_two_objects_with_two_classes_export_to_coco(server, browser, scene, tmp
     assert list(dets.data["class_name"]) == ["cat", "dog"]
 
 
-def test_the_page_names_a_wrong_key(server, browser):
+def test_a_wrong_key_is_asked_again_then_the_image_embeds(server, browser, scene):
+    s, path = scene
     open_page(browser, server, key="wrong-key")
-    browser.find_element(By.ID, "file")  # the page is up; the first call with the key is refused
-    browser.execute_script("window.sam2flowPage.state.config.auth = false")  # report instead of asking again
-    answer = js(browser, "fetch('/page/folder').then(r => r.status)")
-    assert answer == 401
+    field = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].hidden = false", field)
+    field.send_keys(str(path))  # the embed request is refused (401): the page asks for the key again
+    wait_for(browser, "document.getElementById('key-dialog').open")
+    assert "refused" in browser.find_element(By.ID, "key-error").text
+    browser.find_element(By.ID, "key-input").send_keys(SERVER_API_KEY + "\n")
+    wait_for(browser, "window.sam2flowPage.state.image && window.sam2flowPage.state.image.imageId")
+    assert "Ready" in status_text(browser)
 
 
 # ---------------------------------------------------------------- folder mode
