@@ -123,6 +123,7 @@ def load_image(driver, path: Path):
     field = driver.find_element(By.ID, "file")
     driver.execute_script("arguments[0].hidden = false", field)
     field.send_keys(str(path))
+    driver.execute_script("arguments[0].hidden = true", field)
     wait_for(driver, "window.sam2flowPage.state.image && window.sam2flowPage.state.image.imageId")
 
 
