@@ -558,7 +558,7 @@ $("image-list").onchange = (ev) => openFolderImage(Number(ev.target.value));
 
 // For scripts and tests: the state, and the page's own actions.
 window.sam2flowPage = {state: S, exportJson, undo, redo, select, relabel, openFolderImage,
-                       idle: () => Promise.all([S.queue, S.saving]),
+                       idle: () => S.queue.then(() => S.saving),  // decodes, then the saves they started
                        toClient: (x, y) => {
                          const r = $("canvas").getBoundingClientRect();
                          return [r.left + x * view.scale, r.top + y * view.scale];
