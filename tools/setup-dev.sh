@@ -9,3 +9,9 @@ python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[test,ray]"
 # sam2 builds against the installed torch; its CUDA extension is optional and skipped.
 SAM2_BUILD_CUDA=0 python -m pip install -q --no-build-isolation "sam2==1.1.0"
+# Headless Chromium and its driver for tests/test_page.py (the labelling page in a real browser), from the
+# operating system's packages: nothing is downloaded at test time. Only where apt-get exists and they are missing.
+if command -v apt-get >/dev/null && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
     srv.add_argument("--checkpoint", help="weights for the first preloaded version (SAM2FLOW_CHECKPOINT)")
     srv.add_argument("--max-batch-size", type=int, help="images embedded together (SAM2FLOW_MAX_BATCH_SIZE)")
     srv.add_argument("--max-wait-ms", type=float, help="batching wait (SAM2FLOW_MAX_WAIT_MS)")
+    srv.add_argument("--images", metavar="DIR", help="labelling page: label the images of DIR (read-only)")
+    srv.add_argument("--labels", metavar="A,B,...", help="labelling page: the class list (SAM2FLOW_LABELS)")
+    srv.add_argument("--annotations", metavar="OUT.json", help="with --images: the COCO file saved as you go "
+                                                               "(default <DIR name>.coco.json)")
     srv.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'sam2flow[ray]')")
     srv.add_argument("--ray-address", help="with --ray: the cluster to join ('auto': this machine's; "
                                            "default $RAY_ADDRESS, else a new local cluster)")

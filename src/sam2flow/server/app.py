@@ -33,6 +33,7 @@ from ..models.registry import get_spec
 from ..workflows.runner import run_workflow, serialize_outputs
 from .batching import BatchedEngine, EmbedBatcher, EmbeddingBatcher
 from .metrics import ServerMetrics
+from .page import page_router
 from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
 from .settings import ServerSettings
 
@@ -311,6 +312,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         outputs = await run_in_threadpool(run)
         return {"outputs": outputs, "profiler_trace": [], "time": time.perf_counter() - start}
 
+    app.include_router(page_router(state, lambda request, key: _authorize(state, request, key)))
     if settings.max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

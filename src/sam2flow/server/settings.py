@@ -40,8 +40,12 @@ class ServerSettings(BaseSettings):
     url_hosts: Annotated[list[str], NoDecode] = []  # hosts that may be fetched even on local/private addresses
     api_key: str | None = None
     automatic_points_per_side: int = 32  # unprompted requests: the point grid (cost grows with its square)
+    # The labelling page (GET /): folder mode labels the images of this directory (read-only) ...
+    images: Optional[str] = None
+    labels: Annotated[list[str], NoDecode] = []  # ... with these classes (also the page's class list) ...
+    annotations: Optional[str] = None  # ... saved as you go to this COCO file (default <folder name>.coco.json)
 
-    @field_validator("preload", "url_hosts", mode="before")
+    @field_validator("preload", "url_hosts", "labels", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
