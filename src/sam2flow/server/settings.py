@@ -41,9 +41,9 @@ class ServerSettings(BaseSettings):
     api_key: str | None = None
     automatic_points_per_side: int = 32  # unprompted requests: the point grid (cost grows with its square)
     # The labelling page (GET /): folder mode labels the images of this directory (read-only) ...
-    images: Optional[str] = None
+    images: str | None = None
     labels: Annotated[list[str], NoDecode] = []  # ... with these classes (also the page's class list) ...
-    annotations: Optional[str] = None  # ... saved as you go to this COCO file (default <folder name>.coco.json)
+    annotations: str | None = None  # ... saved as you go to this COCO file (default <folder name>.coco.json)
 
     @field_validator("preload", "url_hosts", "labels", mode="before")
     @classmethod
