@@ -10,9 +10,9 @@ import threading
 import time
 
 import numpy as np
+from tests.conftest import random_image
 
 from sam2flow import Prompt
-from tests.conftest import random_image
 
 GUARD_S = 120  # only against a hang: a correct engine answers long before
 
