@@ -48,6 +48,8 @@ class Settings:
     auto_points_per_side: int
     auto_warmup: int
     auto_repeats: int
+    click_warmup: int = 5  # clicks, each side, before timing
+    click_repeats: int = 200  # clicks timed, each side (1-5 points per object, then the next object)
 
     @classmethod
     def make(cls, quick: bool, warmup: int | None = None, repeats: int | None = None,
@@ -56,11 +58,14 @@ class Settings:
             s = cls(True, 1, 2, 0, 1, 1, 2, 1, 2, 1, 2, 16, 1, 1)
         else:
             s = cls(False, 2, 10, 1, 5, 2, 10, 5, 8, 1, 5, 32, 1, 5)
+        if quick:
+            s.click_repeats = 50
         if warmup is not None:
             s.embed_warmup = s.embed_b4_warmup = s.decode_warmup = s.step_warmup = s.auto_warmup = warmup
+            s.click_warmup = warmup
         if repeats is not None:
             s.embed_repeats = s.embed_b4_repeats = s.decode_repeats = s.decode_repeats_100 = repeats
-            s.step_repeats = s.auto_repeats = repeats
+            s.step_repeats = s.auto_repeats = s.click_repeats = repeats
         if step_images is not None:
             s.step_images = step_images
         if points_per_side is not None:
@@ -332,6 +337,151 @@ def case_automatic(ctx: Context) -> list[dict]:
     m = measure(fns, s.auto_warmup, s.auto_repeats, ctx.sync)
     return rows(ctx, f"1024x768, {pps}x{pps} points", m, "s", lambda t: t, warmup=s.auto_warmup,
                 masks_ours=len(m.last[OURS]), masks_reference=len(m.last[REF]), points_per_side=pps)
+
+
+# ---- 6. one click on a cached embedding, over HTTP ------------------------------------------
+
+
+def click_sequences(scene, n_objects: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per object 1 to 5 clicks, as an annotator places them: a positive click inside the shape,
+    then positives inside and negatives just outside its box; (points (P, 2) x, y pixels, labels (P,))."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_objects):
+        mask = scene.masks[k % len(scene.masks)]
+        ys, xs = np.nonzero(mask)
+        x1, y1, x2, y2 = scene.boxes[k % len(scene.boxes)]
+        h, w = mask.shape
+        pts, labels = [], []
+        for i in range(5):
+            if i % 2 == 0 or i == 1:
+                j = rng.integers(len(xs))
+                pts.append([float(xs[j]), float(ys[j])]), labels.append(1)
+            else:
+                pts.append([float(min(w - 1, x2 + 8)), float(min(h - 1, (y1 + y2) / 2))]), labels.append(0)
+        out.append((np.array(pts, np.float32), np.array(labels, np.int32)))
+    return out
+
+
+def _percentiles(samples: list[float]) -> dict:
+    v = np.array(samples) * 1000
+    return {f"p{q}_ms": float(np.percentile(v, q)) for q in (50, 90, 99)}
+
+
+def _click_breakdown(engine, emb, points: np.ndarray, labels: np.ndarray, prev: np.ndarray, repeats: int) -> dict:
+    """Median milliseconds of each stage of one refining click, in process: the decoder (to low-res
+    logits), selection and upsampling to full size, COCO RLE with its box, the JSON answer."""
+    import time as _time
+
+    from sam2flow.engine.prompts import PromptArrays, check_mask_input
+    from sam2flow.formats import mask_to_rle
+
+    arrays = PromptArrays(None, points[None], labels[None], check_mask_input(prev[None], 1))
+    stages: dict[str, list[float]] = {"decoder": [], "select_upsample": [], "rle": [], "json": []}
+    for _ in range(repeats):
+        t0 = _time.perf_counter()
+        engine.decode_low_res(emb, arrays, False)
+        t1 = _time.perf_counter()
+        pred = engine._decode(emb, arrays, False)
+        t2 = _time.perf_counter()
+        rle = mask_to_rle(pred.masks[0])
+        t3 = _time.perf_counter()
+        json.dumps({"rle": rle, "box": [0.0, 0.0, 1.0, 1.0], "score": float(pred.scores[0])})
+        t4 = _time.perf_counter()
+        stages["decoder"].append(t1 - t0)
+        stages["select_upsample"].append((t2 - t1) - (t1 - t0))
+        stages["rle"].append(t3 - t2)
+        stages["json"].append(t4 - t3)
+    return {k: 1000 * statistics.median(v) for k, v in stages.items()}
+
+
+def case_click(ctx: Context) -> list[dict]:
+    """One click on an embedded 800x600 image: ours through the server over HTTP on loopback
+    (``POST /page/decode``, the page's path: the previous prompt's logits as mask input, RLE and box
+    out), the reference in process (``predictor.predict(point_coords, point_labels, mask_input=the
+    previous low-res logits)``, its fastest documented mode). p50/p90/p99 in the notes."""
+    import base64
+    import io
+    import socket
+    import threading
+
+    import requests
+    import uvicorn
+    from PIL import Image
+
+    from sam2flow.server.app import create_app
+    from sam2flow.server.settings import ServerSettings
+
+    s = ctx.settings
+    sc = data.scene(700, (600, 800))
+    total = s.click_warmup + s.click_repeats
+    sequences = click_sequences(sc, (total + 4) // 5, 700)
+    settings = ServerSettings(checkpoint=str(ctx.ckpt.path), preload=[ctx.size], family=ctx.ckpt.family,
+                              device=str(ctx.device), dtype="float32")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    http = requests.Session()
+    try:
+        while not server.started:
+            thread.join(0.05)
+            if not thread.is_alive():
+                raise RuntimeError("the benchmark server did not start")
+        while http.get(f"{url}/readyz", timeout=600).status_code != 200:
+            thread.join(0.2)
+        buf = io.BytesIO()
+        Image.fromarray(sc.image).save(buf, format="PNG")
+        r = http.post(f"{url}/sam2/embed_image", timeout=600, json={
+            "image": {"type": "base64", "value": base64.b64encode(buf.getvalue()).decode()},
+            "sam2_version_id": ctx.size})
+        r.raise_for_status()
+        image_id = r.json()["image_id"]
+        with torch.inference_mode():
+            ctx.predictor.set_image(sc.image)
+        state = {OURS: 0, REF: 0}
+        ref_prev: dict = {}
+
+        def ours():
+            n = state[OURS]
+            state[OURS] += 1
+            pts, labels = sequences[n // 5]
+            k = n % 5 + 1
+            body = {"image_id": image_id, "sam2_version_id": ctx.size,
+                    "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts[:k], labels[:k])]}
+            answer = http.post(f"{url}/page/decode", json=body, timeout=60)
+            answer.raise_for_status()
+            return answer.json()
+
+        def ref():
+            n = state[REF]
+            state[REF] += 1
+            pts, labels = sequences[n // 5]
+            k = n % 5 + 1
+            prev = ref_prev.get(n // 5) if k > 1 else None
+            masks, scores, logits = ctx.predictor.predict(point_coords=pts[:k], point_labels=labels[:k],
+                                                          mask_input=prev, multimask_output=k == 1)
+            best = int(scores.argmax())
+            ref_prev[n // 5] = logits[best : best + 1]
+            return masks[best]
+
+        fns = {OURS: ours, REF: ctx.ref(ref)}
+        ctx.log(f"click: 800x600, 1-5 points + previous mask, {s.click_warmup} warm-up + {s.click_repeats} clicks")
+        m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync)
+        ours_pct, ref_pct = _percentiles(m.samples[OURS]), _percentiles(m.samples[REF])
+        emb = ctx.ours.embed([sc.image])[0]
+        pts, labels = sequences[0]
+        prev = ctx.ours.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
+        breakdown = _click_breakdown(ctx.ours, emb, pts[:2], labels[:2], prev, max(5, s.click_repeats // 5))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    return rows(ctx, "800x600, 1-5 points + mask, HTTP", m, "ms/click", lambda t: 1000 * t, warmup=s.click_warmup,
+                ours_percentiles_ms=ours_pct, reference_percentiles_ms=ref_pct,
+                ours_stages_ms=breakdown, route="POST /page/decode on loopback (reference in process)")
 
 
 # ---- 5. peak memory of the step -------------------------------------------------------------

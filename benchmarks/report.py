@@ -13,6 +13,7 @@ CASE_TITLES = {
     "step": "3. Workflow step end to end (numpy image → sv.Detections)",
     "automatic": "4. Unprompted (automatic mask generation)",
     "memory": "5. Peak resident memory of case 3 (each side in its own process)",
+    "click": "6. One click on a cached embedding (1-5 points + previous mask), over HTTP on loopback",
 }
 
 
@@ -44,6 +45,11 @@ def notes(e: dict) -> str:
         a, b = e["after_load_mib"], e["baseline_mib"]
         parts.append(f"after imports {fmt(b['ours'])}/{fmt(b['reference'])}, "
                      f"after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB")
+    if "ours_percentiles_ms" in e:
+        o, r = e["ours_percentiles_ms"], e["reference_percentiles_ms"]
+        parts.append("p50/p90/p99 " + "/".join(fmt(o[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
+                     + " ms (ref " + "/".join(fmt(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms")) + ")")
+        parts.append("stages " + ", ".join(f"{k} {fmt(v)}" for k, v in e["ours_stages_ms"].items()) + " ms")
     if e.get("reference_mode") not in (None, "reference"):
         parts.append(f"vs {e['reference_mode']}")
     parts.append(f"n={e['repeats']}")
@@ -227,6 +233,10 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "masks found by each in the notes.",
         "5. **memory**: peak resident set size (VmHWM) of a fresh process that imports the same libraries, "
         "loads the model and runs case 3 once; each side in its own process.",
+        "6. **click**: milliseconds per click on an embedded 800×600 scene, 1 to 5 points per object (each click "
+        "one more point, the previous prompt's low-res logits as mask input): ours through the server over HTTP on "
+        "loopback (`POST /page/decode`: RLE, box and score back) vs `predictor.predict(point_coords, point_labels, "
+        "mask_input=...)` in process; p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes.",
         "",
         "`ours (bf16)` rows run our image encoder in bfloat16 (decoder in float32), only where the hardware "
         "has bf16 arithmetic (CPU flags `avx512_bf16`/`amx_bf16`, or a GPU that supports it) and only when its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -38,6 +39,36 @@ def weights_fingerprint(model) -> str:
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+class DecodeFirst:
+    """Decodes ahead of the encoder: ``wait`` (a forward pre-hook on each encoder trunk block) holds
+    the encoder at a block boundary while any ``decoding()`` block runs, so a click's decode gets the
+    cores after at most one block's work instead of a whole encoder forward. Encoding resumes as soon
+    as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
+    """
+
+    def __init__(self):
+        self._idle = threading.Condition()
+        self._running = 0
+        self.paused = 0  # encoder forwards held at a block boundary right now
+
+    @contextlib.contextmanager
+    def decoding(self):
+        with self._idle:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def wait(self, *_) -> None:
+        with self._idle:
+            self.paused += 1
+            self._idle.wait_for(lambda: self._running == 0)
+            self.paused -= 1
 
 
 class Sam2Engine:
@@ -100,8 +131,16 @@ class Sam2Engine:
         # Cache keys name the weights, not only the size: engines with different checkpoints
         # (a fine-tuned one, say) or devices may share one cache without mixing embeddings.
         self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{weights_fingerprint(self.model)}"
-        # One forward at a time per engine: torch already uses every core for one batch.
+        # One encoder forward at a time, and one decode at a time: torch already uses every core for
+        # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
+        # click's decode never waits for a whole encoder forward; and decodes go first: a running
+        # encoder pauses before its next trunk block while any decode runs (``DecodeFirst``).
         self._lock = threading.Lock()
+        self._decode_lock = threading.Lock()
+        self._decode_first = DecodeFirst()
+        if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
+            for block in self.model.vision_encoder.backbone.blocks:
+                block.register_forward_pre_hook(self._decode_first.wait)
 
     def _compile_encoder(self) -> None:
         """``torch.compile`` the image encoder and warm it up on one blank image (timed in
@@ -251,7 +290,7 @@ class Sam2Engine:
             coords.append(torch.from_numpy(prompts.points))
             labels.append(torch.from_numpy(prompts.labels))
         dev = self.device
-        with self._lock, torch.inference_mode():
+        with self._decode_first.decoding(), self._decode_lock, torch.inference_mode():
             xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
             lab = torch.cat(labels, 1).to(dev)
             mask = torch.from_numpy(prompts.mask_input).to(dev) if prompts.mask_input is not None else None
