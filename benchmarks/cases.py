@@ -52,8 +52,14 @@ class Settings:
     click_repeats: int = 200  # clicks timed, each side (1-5 points per object, then the next object)
 
     @classmethod
-    def make(cls, quick: bool, warmup: int | None = None, repeats: int | None = None,
-             step_images: int | None = None, points_per_side: int | None = None) -> Settings:
+    def make(
+        cls,
+        quick: bool,
+        warmup: int | None = None,
+        repeats: int | None = None,
+        step_images: int | None = None,
+        points_per_side: int | None = None,
+    ) -> Settings:
         if quick:
             s = cls(True, 1, 2, 0, 1, 1, 2, 1, 2, 1, 2, 16, 1, 1)
         else:
@@ -105,8 +111,9 @@ class Context:
 
         return call
 
-    def competitors(self, ours: Callable[[], Any], ref: Callable[[], Any],
-                    ours_bf16: Callable[[], Any] | None = None) -> dict:
+    def competitors(
+        self, ours: Callable[[], Any], ref: Callable[[], Any], ours_bf16: Callable[[], Any] | None = None
+    ) -> dict:
         fns = {OURS: ours, REF: self.ref(ref)}
         if ours_bf16 is not None and self.ours_bf16 is not None:
             fns[OURS_BF16] = ours_bf16
@@ -115,8 +122,17 @@ class Context:
         return fns
 
 
-def entry(ctx: Context, config: str, m: Measured, unit: str, convert: Callable[[float], float],
-          higher_is_better: bool = False, variant: str = OURS, warmup: int = 0, **extra) -> dict:
+def entry(
+    ctx: Context,
+    config: str,
+    m: Measured,
+    unit: str,
+    convert: Callable[[float], float],
+    higher_is_better: bool = False,
+    variant: str = OURS,
+    warmup: int = 0,
+    **extra,
+) -> dict:
     """One table row: medians of converted samples of ``variant`` and the matching reference."""
     ref_name = REF_BF16 if variant == OURS_BF16 and REF_BF16 in m.samples else REF
     ours_s = [convert(t) for t in m.samples[variant]]
@@ -124,23 +140,53 @@ def entry(ctx: Context, config: str, m: Measured, unit: str, convert: Callable[[
     ours_v, ref_v = statistics.median(ours_s), statistics.median(ref_s)
     ratio = ours_v / ref_v if higher_is_better else ref_v / ours_v
     return {
-        "size": ctx.size, "device": str(ctx.device), "config": config, "variant": variant,
-        "ours": ours_v, "reference": ref_v, "unit": unit, "ratio": ratio,
-        "higher_is_better": higher_is_better, "reference_mode": ref_name,
-        "warmup": warmup, "repeats": len(ours_s),
-        "samples": {"ours": ours_s, "reference": ref_s}, **extra,
+        "size": ctx.size,
+        "device": str(ctx.device),
+        "config": config,
+        "variant": variant,
+        "ours": ours_v,
+        "reference": ref_v,
+        "unit": unit,
+        "ratio": ratio,
+        "higher_is_better": higher_is_better,
+        "reference_mode": ref_name,
+        "warmup": warmup,
+        "repeats": len(ours_s),
+        "samples": {"ours": ours_s, "reference": ref_s},
+        **extra,
     }
 
 
-def rows(ctx: Context, config: str, m: Measured, unit: str, convert, higher_is_better=False, warmup=0,
-         bf16_extra: dict | None = None, **extra) -> list[dict]:
+def rows(
+    ctx: Context,
+    config: str,
+    m: Measured,
+    unit: str,
+    convert,
+    higher_is_better=False,
+    warmup=0,
+    bf16_extra: dict | None = None,
+    **extra,
+) -> list[dict]:
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
     if OURS_BF16 in m.samples:
         out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_BF16, warmup, **(bf16_extra or {})))
     if OURS_COMPILED in m.samples:
-        out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_COMPILED, warmup, **extra,
-                         compile_seconds=ctx.ours_compiled.compile_seconds,
-                         compiled_dtype=str(ctx.ours_compiled.dtype).replace("torch.", "")))
+        out.append(
+            entry(
+                ctx,
+                config,
+                m,
+                unit,
+                convert,
+                higher_is_better,
+                OURS_COMPILED,
+                warmup,
+                **extra,
+                compile_seconds=ctx.ours_compiled.compile_seconds,
+                compiled_dtype=str(ctx.ours_compiled.dtype).replace("torch.", ""),
+            )
+        )
     return out
 
 
@@ -199,9 +245,16 @@ def case_embed(ctx: Context) -> list[dict]:
         warmup, repeats = (s.embed_warmup, s.embed_repeats) if batch == 1 else (s.embed_b4_warmup, s.embed_b4_repeats)
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)
-        made = rows(ctx, f"batch {batch}", m, "s/image", lambda t, b=batch: t / b, warmup=warmup,
-                    encoder_gflop_per_image=gflop,
-                    bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note})
+        made = rows(
+            ctx,
+            f"batch {batch}",
+            m,
+            "s/image",
+            lambda t, b=batch: t / b,
+            warmup=warmup,
+            encoder_gflop_per_image=gflop,
+            bf16_extra={"encoder_gflop_per_image": gflop, "bf16_note": ctx.bf16_note},
+        )
         for r in made:
             r["achieved_gflops"] = gflop / r["ours"]
             r["reference_gflops"] = gflop / r["reference"]
@@ -232,8 +285,9 @@ def case_decode(ctx: Context) -> list[dict]:
             ctx.predictor.set_image(sc.image)
         for n in (10, 100):
             boxes = data.detector_boxes(sc.boxes, (h, w), n, seed)
-            fns = ctx.competitors(lambda b=boxes, e=emb: ctx.ours.predict(e, boxes=b),
-                                  lambda b=boxes: reference_decode(ctx.predictor, b))
+            fns = ctx.competitors(
+                lambda b=boxes, e=emb: ctx.ours.predict(e, boxes=b), lambda b=boxes: reference_decode(ctx.predictor, b)
+            )
             warmup = s.decode_warmup if n == 10 else 0
             repeats = s.decode_repeats if n == 10 else s.decode_repeats_100
             ctx.log(f"decode: {w}x{h}, {n} boxes, {warmup} warm-up + {repeats} repeats")
@@ -241,8 +295,16 @@ def case_decode(ctx: Context) -> list[dict]:
             ours_masks = m.last[OURS].masks
             ref_masks = m.last[REF][0]
             iou = mask_iou(ours_masks, ref_masks)
-            out += rows(ctx, f"{w}x{h}, {n} boxes", m, "ms/box", lambda t, n=n: 1000 * t / n, warmup=warmup,
-                        mask_iou_vs_reference=float(iou.mean()), min_mask_iou_vs_reference=float(iou.min()))
+            out += rows(
+                ctx,
+                f"{w}x{h}, {n} boxes",
+                m,
+                "ms/box",
+                lambda t, n=n: 1000 * t / n,
+                warmup=warmup,
+                mask_iou_vs_reference=float(iou.mean()),
+                min_mask_iou_vs_reference=float(iou.min()),
+            )
             m.last.clear()
     return out
 
@@ -268,11 +330,15 @@ def reference_step(predictor, images: list[np.ndarray], dets: list[sv.Detections
         best = scores.argmax(1)
         m, sc = masks[rows_, best] > 0, scores[rows_, best]
         keep = m.reshape(len(m), -1).any(1)
-        results.append(sv.Detections(
-            xyxy=sv.mask_to_xyxy(m[keep]).astype(np.float32), mask=m[keep], confidence=sc[keep].astype(np.float32),
-            class_id=d.class_id[keep],
-            data={"class_name": d.data["class_name"][keep], "parent_id": d.data["detection_id"][keep]},
-        ))
+        results.append(
+            sv.Detections(
+                xyxy=sv.mask_to_xyxy(m[keep]).astype(np.float32),
+                mask=m[keep],
+                confidence=sc[keep].astype(np.float32),
+                class_id=d.class_id[keep],
+                data={"class_name": d.data["class_name"][keep], "parent_id": d.data["detection_id"][keep]},
+            )
+        )
     return results
 
 
@@ -310,9 +376,19 @@ def case_step(ctx: Context) -> list[dict]:
     if OURS_BF16 in m.last:
         bf16_iou, _, _ = step_iou(m.last[OURS_BF16], m.last[OURS])
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
-    return rows(ctx, f"{len(images)} x 640x480, 10 boxes each", m, "images/s", lambda t: len(images) / t,
-                higher_is_better=True, warmup=s.step_warmup, bf16_extra=bf16_extra,
-                mask_iou_vs_reference=iou, detections_ours=n_ours, detections_reference=n_ref)
+    return rows(
+        ctx,
+        f"{len(images)} x 640x480, 10 boxes each",
+        m,
+        "images/s",
+        lambda t: len(images) / t,
+        higher_is_better=True,
+        warmup=s.step_warmup,
+        bf16_extra=bf16_extra,
+        mask_iou_vs_reference=iou,
+        detections_ours=n_ours,
+        detections_reference=n_ref,
+    )
 
 
 # ---- 4. automatic mask generation -----------------------------------------------------------
@@ -327,16 +403,31 @@ def case_automatic(ctx: Context) -> list[dict]:
     pps = s.auto_points_per_side
     image = data.scene(600, (768, 1024)).image
     config = AutomaticConfig(points_per_side=pps)  # every other setting: the reference's default
-    generator = SAM2AutomaticMaskGenerator(ctx.ref_model, points_per_side=pps, points_per_batch=config.points_per_batch,
-                                           pred_iou_thresh=config.pred_iou_thresh,
-                                           stability_score_thresh=config.stability_score_thresh,
-                                           box_nms_thresh=config.box_nms_thresh)
-    fns = ctx.competitors(lambda: generate_masks(ctx.ours, ctx.ours.embed([image], use_cache=False)[0], config),
-                          lambda: generator.generate(image))
+    generator = SAM2AutomaticMaskGenerator(
+        ctx.ref_model,
+        points_per_side=pps,
+        points_per_batch=config.points_per_batch,
+        pred_iou_thresh=config.pred_iou_thresh,
+        stability_score_thresh=config.stability_score_thresh,
+        box_nms_thresh=config.box_nms_thresh,
+    )
+    fns = ctx.competitors(
+        lambda: generate_masks(ctx.ours, ctx.ours.embed([image], use_cache=False)[0], config),
+        lambda: generator.generate(image),
+    )
     ctx.log(f"automatic: 1024x768, {pps} points per side, {s.auto_warmup} warm-up + {s.auto_repeats} repeats")
     m = measure(fns, s.auto_warmup, s.auto_repeats, ctx.sync)
-    return rows(ctx, f"1024x768, {pps}x{pps} points", m, "s", lambda t: t, warmup=s.auto_warmup,
-                masks_ours=len(m.last[OURS]), masks_reference=len(m.last[REF]), points_per_side=pps)
+    return rows(
+        ctx,
+        f"1024x768, {pps}x{pps} points",
+        m,
+        "s",
+        lambda t: t,
+        warmup=s.auto_warmup,
+        masks_ours=len(m.last[OURS]),
+        masks_reference=len(m.last[REF]),
+        points_per_side=pps,
+    )
 
 
 # ---- 6. one click on a cached embedding, over HTTP ------------------------------------------
@@ -416,8 +507,13 @@ def case_click(ctx: Context) -> list[dict]:
     sc = data.scene(700, (600, 800))
     total = s.click_warmup + s.click_repeats
     sequences = click_sequences(sc, (total + 4) // 5, 700)
-    settings = ServerSettings(checkpoint=str(ctx.ckpt.path), preload=[ctx.size], family=ctx.ckpt.family,
-                              device=str(ctx.device), dtype="float32")
+    settings = ServerSettings(
+        checkpoint=str(ctx.ckpt.path),
+        preload=[ctx.size],
+        family=ctx.ckpt.family,
+        device=str(ctx.device),
+        dtype="float32",
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -435,9 +531,14 @@ def case_click(ctx: Context) -> list[dict]:
             thread.join(0.2)
         buf = io.BytesIO()
         Image.fromarray(sc.image).save(buf, format="PNG")
-        r = http.post(f"{url}/sam2/embed_image", timeout=600, json={
-            "image": {"type": "base64", "value": base64.b64encode(buf.getvalue()).decode()},
-            "sam2_version_id": ctx.size})
+        r = http.post(
+            f"{url}/sam2/embed_image",
+            timeout=600,
+            json={
+                "image": {"type": "base64", "value": base64.b64encode(buf.getvalue()).decode()},
+                "sam2_version_id": ctx.size,
+            },
+        )
         r.raise_for_status()
         image_id = r.json()["image_id"]
         with torch.inference_mode():
@@ -450,8 +551,11 @@ def case_click(ctx: Context) -> list[dict]:
             state[OURS] += 1
             pts, labels = sequences[n // 5]
             k = n % 5 + 1
-            body = {"image_id": image_id, "sam2_version_id": ctx.size,
-                    "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts[:k], labels[:k])]}
+            body = {
+                "image_id": image_id,
+                "sam2_version_id": ctx.size,
+                "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts[:k], labels[:k])],
+            }
             answer = http.post(f"{url}/page/decode", json=body, timeout=60)
             answer.raise_for_status()
             return answer.json()
@@ -462,8 +566,9 @@ def case_click(ctx: Context) -> list[dict]:
             pts, labels = sequences[n // 5]
             k = n % 5 + 1
             prev = ref_prev.get(n // 5) if k > 1 else None
-            masks, scores, logits = ctx.predictor.predict(point_coords=pts[:k], point_labels=labels[:k],
-                                                          mask_input=prev, multimask_output=k == 1)
+            masks, scores, logits = ctx.predictor.predict(
+                point_coords=pts[:k], point_labels=labels[:k], mask_input=prev, multimask_output=k == 1
+            )
             best = int(scores.argmax())
             ref_prev[n // 5] = logits[best : best + 1]
             return masks[best]
@@ -479,18 +584,43 @@ def case_click(ctx: Context) -> list[dict]:
     finally:
         server.should_exit = True
         thread.join(30)
-    return rows(ctx, "800x600, 1-5 points + mask, HTTP", m, "ms/click", lambda t: 1000 * t, warmup=s.click_warmup,
-                ours_percentiles_ms=ours_pct, reference_percentiles_ms=ref_pct,
-                ours_stages_ms=breakdown, route="POST /page/decode on loopback (reference in process)")
+    return rows(
+        ctx,
+        "800x600, 1-5 points + mask, HTTP",
+        m,
+        "ms/click",
+        lambda t: 1000 * t,
+        warmup=s.click_warmup,
+        ours_percentiles_ms=ours_pct,
+        reference_percentiles_ms=ref_pct,
+        ours_stages_ms=breakdown,
+        route="POST /page/decode on loopback (reference in process)",
+    )
 
 
 # ---- 5. peak memory of the step -------------------------------------------------------------
 
 
 def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, images: int, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.memory_worker", "--impl", impl, "--version", ckpt.version,
-           "--family", ckpt.family, "--checkpoint", str(ckpt.path), "--device", device,
-           "--images", str(images), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory_worker",
+        "--impl",
+        impl,
+        "--version",
+        ckpt.version,
+        "--family",
+        ckpt.family,
+        "--checkpoint",
+        str(ckpt.path),
+        "--device",
+        device,
+        "--images",
+        str(images),
+        "--threads",
+        str(threads),
+    ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -498,8 +628,9 @@ def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int,
-                log) -> list[dict]:
+def case_memory(
+    size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log
+) -> list[dict]:
     """Peak resident memory of the step case, each side alone in a fresh process."""
     n = settings.step_images
     log(f"memory: step on {n} images, ours and the reference each in its own process")
@@ -508,16 +639,25 @@ def case_memory(size: str, ckpt: data.Checkpoint, device: torch.device, settings
     def mib(r: dict) -> float:
         return r["peak_rss_mib"]
 
-    out = [{
-        "size": size, "device": str(device), "config": f"step, {n} x 640x480, 10 boxes each", "variant": OURS,
-        "ours": mib(res["ours"]), "reference": mib(res["reference"]), "unit": "MiB peak RSS",
-        "ratio": mib(res["reference"]) / mib(res["ours"]), "higher_is_better": False, "reference_mode": REF,
-        "warmup": 0, "repeats": 1,
-        "after_load_mib": {k: v["after_load_rss_mib"] for k, v in res.items()},
-        "baseline_mib": {k: v["baseline_rss_mib"] for k, v in res.items()},
-        "samples": {k: [mib(v)] for k, v in res.items()},
-    }]
+    out = [
+        {
+            "size": size,
+            "device": str(device),
+            "config": f"step, {n} x 640x480, 10 boxes each",
+            "variant": OURS,
+            "ours": mib(res["ours"]),
+            "reference": mib(res["reference"]),
+            "unit": "MiB peak RSS",
+            "ratio": mib(res["reference"]) / mib(res["ours"]),
+            "higher_is_better": False,
+            "reference_mode": REF,
+            "warmup": 0,
+            "repeats": 1,
+            "after_load_mib": {k: v["after_load_rss_mib"] for k, v in res.items()},
+            "baseline_mib": {k: v["baseline_rss_mib"] for k, v in res.items()},
+            "samples": {k: [mib(v)] for k, v in res.items()},
+        }
+    ]
     if device.type == "cuda":
         out[0]["cuda_peak_allocated_mib"] = {k: v.get("cuda_peak_allocated_mib") for k, v in res.items()}
     return out
-

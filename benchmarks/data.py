@@ -70,8 +70,14 @@ def load_ours(ckpt: Checkpoint, device: str, dtype: str = "float32", max_batch_s
     from sam2flow import EmbeddingCache, Sam2Engine
 
     return Sam2Engine.from_pretrained(
-        ckpt.version, ckpt.family, checkpoint=str(ckpt.path), device=device, dtype=dtype,
-        max_batch_size=max_batch_size, cache=EmbeddingCache(max_entries=0), compile=compile,
+        ckpt.version,
+        ckpt.family,
+        checkpoint=str(ckpt.path),
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        cache=EmbeddingCache(max_entries=0),
+        compile=compile,
     )
 
 
@@ -126,8 +132,10 @@ def detections(boxes: np.ndarray, kinds: tuple[str, ...], gt_count: int, prefix:
         xyxy=boxes.astype(np.float32),
         confidence=np.full(len(boxes), 0.9, np.float32),
         class_id=np.asarray(ids, int),
-        data={"class_name": np.asarray(names, dtype=object),
-              "detection_id": np.asarray([f"{prefix}-{i}" for i in range(len(boxes))], dtype=object)},
+        data={
+            "class_name": np.asarray(names, dtype=object),
+            "detection_id": np.asarray([f"{prefix}-{i}" for i in range(len(boxes))], dtype=object),
+        },
     )
 
 

@@ -56,10 +56,16 @@ def _version(dist: str) -> str | None:
 def _git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if rev.returncode != 0:
@@ -102,9 +108,19 @@ def facts(devices: list[str]) -> dict:
         "load_average_at_start": load_average(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in
-                     ("torch", "transformers", "sam2", "sam2flow", "supervision", "numpy", "opencv-python",
-                      "matplotlib")},
+        "versions": {
+            name: _version(name)
+            for name in (
+                "torch",
+                "transformers",
+                "sam2",
+                "sam2flow",
+                "supervision",
+                "numpy",
+                "opencv-python",
+                "matplotlib",
+            )
+        },
         "mkldnn": torch.backends.mkldnn.is_available(),
         "mkl": torch.backends.mkl.is_available(),
         "git_revision": _git_revision(),

@@ -71,10 +71,15 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             result = cases.reference_step(predictor, images, dets)
     out = {
-        "impl": a.impl, "images": a.images, "detections": sum(len(d) for d in result),
-        "baseline_rss_mib": baseline, "after_load_rss_mib": after_load, "peak_rss_mib": peak_rss_mib(),
-        "ru_maxrss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                          / (2**20 if sys.platform == "darwin" else 1024)),
+        "impl": a.impl,
+        "images": a.images,
+        "detections": sum(len(d) for d in result),
+        "baseline_rss_mib": baseline,
+        "after_load_rss_mib": after_load,
+        "peak_rss_mib": peak_rss_mib(),
+        "ru_maxrss_mib": (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        ),
     }
     if a.device.startswith("cuda"):
         out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

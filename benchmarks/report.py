@@ -31,8 +31,10 @@ def fmt(x) -> str:
 def notes(e: dict) -> str:
     parts = []
     if "achieved_gflops" in e:
-        parts.append(f"{fmt(e['achieved_gflops'])} GFLOP/s (ref {fmt(e['reference_gflops'])}), "
-                     f"{fmt(e['encoder_gflop_per_image'])} GFLOP/image")
+        parts.append(
+            f"{fmt(e['achieved_gflops'])} GFLOP/s (ref {fmt(e['reference_gflops'])}), "
+            f"{fmt(e['encoder_gflop_per_image'])} GFLOP/image"
+        )
     if "mask_iou_vs_reference" in e:
         parts.append(f"mask IoU vs ref {e['mask_iou_vs_reference']:.3f}")
     if "mask_iou_vs_fp32" in e:
@@ -43,12 +45,19 @@ def notes(e: dict) -> str:
         parts.append(f"masks found {e['masks_ours']}/{e['masks_reference']}")
     if "after_load_mib" in e:
         a, b = e["after_load_mib"], e["baseline_mib"]
-        parts.append(f"after imports {fmt(b['ours'])}/{fmt(b['reference'])}, "
-                     f"after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB")
+        parts.append(
+            f"after imports {fmt(b['ours'])}/{fmt(b['reference'])}, "
+            f"after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB"
+        )
     if "ours_percentiles_ms" in e:
         o, r = e["ours_percentiles_ms"], e["reference_percentiles_ms"]
-        parts.append("p50/p90/p99 " + "/".join(fmt(o[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
-                     + " ms (ref " + "/".join(fmt(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms")) + ")")
+        parts.append(
+            "p50/p90/p99 "
+            + "/".join(fmt(o[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
+            + " ms (ref "
+            + "/".join(fmt(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
+            + ")"
+        )
         parts.append("stages " + ", ".join(f"{k} {fmt(v)}" for k, v in e["ours_stages_ms"].items()) + " ms")
     if e.get("reference_mode") not in (None, "reference"):
         parts.append(f"vs {e['reference_mode']}")
@@ -64,8 +73,20 @@ def table_rows(results: dict) -> list[list[str]]:
     out = []
     for case, entries in results.items():
         for e in entries.values():
-            out.append([case, e["device"], e["size"], e["config"], e["variant"], fmt(e["ours"]), fmt(e["reference"]),
-                        e["unit"], ratio_text(e), notes(e)])
+            out.append(
+                [
+                    case,
+                    e["device"],
+                    e["size"],
+                    e["config"],
+                    e["variant"],
+                    fmt(e["ours"]),
+                    fmt(e["reference"]),
+                    e["unit"],
+                    ratio_text(e),
+                    notes(e),
+                ]
+            )
     return out
 
 
@@ -99,12 +120,15 @@ def machine_lines(machine: dict) -> list[str]:
     ]
     if "cuda" in machine:
         c = machine["cuda"]
-        lines.append(f"- GPU: {', '.join(c['gpus'])} (capability {c['capability']}, CUDA {c['cuda_version']}, "
-                     f"bf16 {'yes' if c['bf16_supported'] else 'no'})")
+        lines.append(
+            f"- GPU: {', '.join(c['gpus'])} (capability {c['capability']}, CUDA {c['cuda_version']}, "
+            f"bf16 {'yes' if c['bf16_supported'] else 'no'})"
+        )
     for dev, rates in machine.get("matmul_gflops", {}).items():
-        lines.append(f"- Measured {rates['n']}² matmul on {dev}: fp32 {fmt(rates['fp32'])} GFLOP/s, "
-                     + (f"bf16 {fmt(rates['bf16'])} GFLOP/s" if rates.get("bf16")
-                        else f"bf16 {rates.get('bf16_note')}"))
+        lines.append(
+            f"- Measured {rates['n']}² matmul on {dev}: fp32 {fmt(rates['fp32'])} GFLOP/s, "
+            + (f"bf16 {fmt(rates['bf16'])} GFLOP/s" if rates.get("bf16") else f"bf16 {rates.get('bf16_note')}")
+        )
     for size, w in machine.get("weights", {}).items():
         lines.append(f"- Weights {size}: {w}")
     return lines
@@ -119,9 +143,10 @@ def fast_path_lines(machine: dict) -> list[str]:
     for key, verdict in machine.get("bf16_verdicts", {}).items():
         lines.append(f"- bf16 image encoder, {key}: {verdict}")
     cores, threads = machine.get("physical_cores"), machine.get("torch_threads")
-    lines.append(f"- Threads: torch.get_num_threads() = {threads} on {cores} physical cores"
-                 + (" (more threads than cores: try --threads equal to the core count)"
-                    if cores and threads > cores else ""))
+    lines.append(
+        f"- Threads: torch.get_num_threads() = {threads} on {cores} physical cores"
+        + (" (more threads than cores: try --threads equal to the core count)" if cores and threads > cores else "")
+    )
     return lines
 
 
@@ -133,10 +158,12 @@ def physical_limit_lines(results: dict, machine: dict) -> list[str]:
         rates = machine.get("matmul_gflops", {}).get(e["device"], {})
         peak = rates.get("bf16") if e["variant"] == "ours (bf16)" else rates.get("fp32")
         frac = f", {100 * e['achieved_gflops'] / peak:.0f} % of the measured matmul rate" if peak else ""
-        out.append(f"- {e['device']} {e['size']} {e['variant']}: "
-                   f"{fmt(e['encoder_gflop_per_image'])} GFLOP per 1024×1024 image "
-                   f"in {fmt(e['ours'])} s = {fmt(e['achieved_gflops'])} GFLOP/s{frac}; "
-                   f"the reference reaches {fmt(e['reference_gflops'])} GFLOP/s")
+        out.append(
+            f"- {e['device']} {e['size']} {e['variant']}: "
+            f"{fmt(e['encoder_gflop_per_image'])} GFLOP per 1024×1024 image "
+            f"in {fmt(e['ours'])} s = {fmt(e['achieved_gflops'])} GFLOP/s{frac}; "
+            f"the reference reaches {fmt(e['reference_gflops'])} GFLOP/s"
+        )
     return out
 
 
@@ -153,12 +180,21 @@ def chart(results: dict, path: Path, title: str) -> None:
     lo, hi = min(0.5, min(all_ratios) / 1.5), max(2.0, max(all_ratios) * 2)
     ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if lo <= t <= hi]
     heights = [max(1, len(results[c])) for c in cases]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 1.2 + 0.45 * sum(heights) + 0.6 * len(cases)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(cases),
+        1,
+        figsize=(9, 1.2 + 0.45 * sum(heights) + 0.6 * len(cases)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     for ax, case in zip(axes[:, 0], cases):
         entries = list(results[case].values())
-        labels = [f"{e['size']} · {e['config']}" + (f" · {e['device']}" if e["device"] != "cpu" else "")
-                  + (f" · {e['variant']}" if e["variant"] != "ours" else "") for e in entries]
+        labels = [
+            f"{e['size']} · {e['config']}"
+            + (f" · {e['device']}" if e["device"] != "cpu" else "")
+            + (f" · {e['variant']}" if e["variant"] != "ours" else "")
+            for e in entries
+        ]
         ratios = [e["ratio"] for e in entries]
         colours = ["#d95f02" if e["variant"] != "ours" else "#1b9e77" for e in entries]
         y = list(range(len(entries)))
@@ -173,8 +209,14 @@ def chart(results: dict, path: Path, title: str) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
         ax.xaxis.set_minor_locator(NullLocator())
         for i, r in enumerate(ratios):
-            ax.text(r, i, f" {r:.2f}× " if r >= 1 else f" {r:.2f}× ", va="center", ha="left" if r >= 1 else "right",
-                    fontsize=8)
+            ax.text(
+                r,
+                i,
+                f" {r:.2f}× " if r >= 1 else f" {r:.2f}× ",
+                va="center",
+                ha="left" if r >= 1 else "right",
+                fontsize=8,
+            )
         what = "× less peak memory" if case == "memory" else "× faster than the reference"
         ax.set_title(f"{case} ({entries[0]['unit']}): {what}", fontsize=9, loc="left")
     fig.suptitle(title, fontsize=10)

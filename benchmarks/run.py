@@ -38,22 +38,36 @@ DEFAULT_SIZES = "hiera_tiny,hiera_small"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="few repeats, 1 warm-up, 16 points per side (minutes)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated versions (default {DEFAULT_SIZES})")
     p.add_argument("--family", default="sam2.1", choices=("sam2.1", "sam2"))
     p.add_argument("--device", default="auto", help="cpu, cuda, or a comma list; auto: cpu, plus cuda when available")
     p.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated subset of {','.join(ALL_CASES)}")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--markdown", metavar="FILE", default=str(ROOT / "BENCHMARKS.md"),
-                   help="write the report here (default BENCHMARKS.md at the repository root; 'none' to skip)")
-    p.add_argument("--chart", metavar="PNG", default=None,
-                   help="chart path (default benchmarks/chart.png; next to --markdown when that is elsewhere)")
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        default=str(ROOT / "BENCHMARKS.md"),
+        help="write the report here (default BENCHMARKS.md at the repository root; 'none' to skip)",
+    )
+    p.add_argument(
+        "--chart",
+        metavar="PNG",
+        default=None,
+        help="chart path (default benchmarks/chart.png; next to --markdown when that is elsewhere)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's choice)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 encoder rows")
-    p.add_argument("--compile", action="store_true",
-                   help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)",
+    )
     p.add_argument("--warmup", type=int, help="override every case's warm-up count")
     p.add_argument("--repeats", type=int, help="override every case's repeat count")
     p.add_argument("--step-images", type=int, help="images per step run (quick 2, full 8)")
@@ -105,8 +119,11 @@ def bf16_engine(args, ckpt, device: torch.device, ours, key: str, machine: dict)
         machine["bf16"][key] = "skipped (--no-bf16)"
         return None, "skipped (--no-bf16)"
     if not precision.native_bf16(device):
-        note = ("skipped: this CPU has no avx512_bf16/amx_bf16, and emulated bf16 is ~100x slower"
-                if device.type == "cpu" else "skipped: this GPU does not support bf16")
+        note = (
+            "skipped: this CPU has no avx512_bf16/amx_bf16, and emulated bf16 is ~100x slower"
+            if device.type == "cpu"
+            else "skipped: this GPU does not support bf16"
+        )
         machine["bf16"][key] = note
         return None, note
     engine = data.load_ours(ckpt, str(device), dtype="bfloat16")
@@ -137,7 +154,8 @@ def bf16_verdicts(results: dict, machine: dict) -> None:
         for e in results.get(case, {}).values():
             if "kept" in e:
                 verdicts[f"{e['device']} {e['size']} {case} {e['config']}"] = (
-                    f"{'wins' if e['kept'] else 'loses'}: {e['speedup_vs_fp32']:.2f}x vs our float32")
+                    f"{'wins' if e['kept'] else 'loses'}: {e['speedup_vs_fp32']:.2f}x vs our float32"
+                )
     if verdicts:
         machine["bf16_verdicts"] = verdicts
 
@@ -162,9 +180,11 @@ def main(argv=None) -> int:
     load = machine["load_average_at_start"]
     cores = machine["physical_cores"] or machine["logical_cpus"] or 1
     if load and load[0] > 0.25 * cores:
-        machine["busy_warning"] = (f"load average {load[0]} on {cores} cores when the run started: other work "
-                                   "competes for the CPU, timings are noisy (ratios less so, as both sides are "
-                                   "interleaved)")
+        machine["busy_warning"] = (
+            f"load average {load[0]} on {cores} cores when the run started: other work "
+            "competes for the CPU, timings are noisy (ratios less so, as both sides are "
+            "interleaved)"
+        )
         log("WARNING: " + machine["busy_warning"])
     if machine["physical_cores"] and machine["torch_threads"] > machine["physical_cores"]:
         log(f"note: torch uses {machine['torch_threads']} threads on {machine['physical_cores']} physical cores")
@@ -175,8 +195,9 @@ def main(argv=None) -> int:
 
     results: dict[str, dict] = {c: {} for c in ALL_CASES if c in args.cases}
     tmp = None
-    ckpt_dir = (Path(args.checkpoint_dir) if args.checkpoint_dir
-                else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-")))
+    ckpt_dir = (
+        Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp := tempfile.mkdtemp(prefix="sam2flow-bench-"))
+    )
     try:
         for size in args.sizes:
             log(f"{size}: preparing the checkpoint")
@@ -200,17 +221,33 @@ def main(argv=None) -> int:
                         compiled = data.load_ours(ckpt, d, dtype="auto", compile=True)
                         machine.setdefault("compile", {})[f"{d} {size}"] = (
                             f"{compiled.compile_seconds:.0f} s to compile and warm up at batch 1 "
-                            f"({str(compiled.dtype).replace('torch.', '')}); batch 4 compiles once more on first use")
+                            f"({str(compiled.dtype).replace('torch.', '')}); batch 4 compiles once more on first use"
+                        )
                         log(f"{size} on {d}: {machine['compile'][f'{d} {size}']}")
-                    ctx = cases.Context(size, device, ckpt, ours, bf16, bf16_note, ref_model, predictor, settings,
-                                        synchronizer(device), log, torch.get_num_threads(), ours_compiled=compiled)
+                    ctx = cases.Context(
+                        size,
+                        device,
+                        ckpt,
+                        ours,
+                        bf16,
+                        bf16_note,
+                        ref_model,
+                        predictor,
+                        settings,
+                        synchronizer(device),
+                        log,
+                        torch.get_num_threads(),
+                        ours_compiled=compiled,
+                    )
                     for case in timed:
                         for e in getattr(cases, f"case_{case}")(ctx):
                             suffix = {cases.OURS_BF16: " bf16", cases.OURS_COMPILED: " compiled"}.get(e["variant"], "")
                             key = f"{d} {size} {e['config']}{suffix}"
                             results[case][key] = e
-                            log(f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
-                                f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x")
+                            log(
+                                f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
+                                f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x"
+                            )
                     del ctx, ours, ref_model, predictor, bf16, compiled
                     gc.collect()
                     if device.type == "cuda":
@@ -219,8 +256,10 @@ def main(argv=None) -> int:
                     for e in cases.case_memory(size, ckpt, device, settings, args.threads, log):
                         key = f"{d} {size} {e['config']}"
                         results["memory"][key] = e
-                        log(f"  memory {key}: ours {report.fmt(e['ours'])} MiB, "
-                            f"reference {report.fmt(e['reference'])} MiB")
+                        log(
+                            f"  memory {key}: ours {report.fmt(e['ours'])} MiB, "
+                            f"reference {report.fmt(e['reference'])} MiB"
+                        )
     finally:
         if tmp is not None:
             import shutil

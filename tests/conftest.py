@@ -108,10 +108,18 @@ def connected_components(mask: torch.Tensor):
 # A workflow of one SAM2 step: image + detections "boxes" in, "masks" out.
 BOXES_WORKFLOW = {
     "version": "1.0",
-    "inputs": [{"type": "WorkflowImage", "name": "image"},
-               {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]}],
-    "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
-               "boxes": "$inputs.boxes"}],
+    "inputs": [
+        {"type": "WorkflowImage", "name": "image"},
+        {"type": "WorkflowBatchInput", "name": "boxes", "kind": ["object_detection_prediction"]},
+    ],
+    "steps": [
+        {
+            "type": "roboflow_core/segment_anything@v1",
+            "name": "sam",
+            "images": "$inputs.image",
+            "boxes": "$inputs.boxes",
+        }
+    ],
     "outputs": [{"type": "JsonField", "name": "masks", "selector": "$steps.sam.predictions"}],
 }
 
@@ -134,15 +142,39 @@ def start_server(checkpoint, log, env: dict | None = None):
     ``env``: more ``SAM2FLOW_*`` settings for this server.
     """
     port = free_port()
-    env = {**os.environ, "SAM2FLOW_API_KEY": SERVER_API_KEY, "SAM2FLOW_MAX_PROMPTS": str(SERVER_MAX_PROMPTS),
-           "SAM2FLOW_MAX_REQUEST_PROMPTS": str(SERVER_MAX_REQUEST_PROMPTS),
-           "SAM2FLOW_MAX_IMAGE_PIXELS": str(SERVER_MAX_PIXELS), "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
-           "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE), **(env or {})}
+    env = {
+        **os.environ,
+        "SAM2FLOW_API_KEY": SERVER_API_KEY,
+        "SAM2FLOW_MAX_PROMPTS": str(SERVER_MAX_PROMPTS),
+        "SAM2FLOW_MAX_REQUEST_PROMPTS": str(SERVER_MAX_REQUEST_PROMPTS),
+        "SAM2FLOW_MAX_IMAGE_PIXELS": str(SERVER_MAX_PIXELS),
+        "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
+        "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE),
+        **(env or {}),
+    }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny",
-             "--checkpoint", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--max-wait-ms", "60"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "sam2flow",
+                "serve",
+                "--port",
+                str(port),
+                "--preload",
+                "hiera_tiny",
+                "--checkpoint",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--max-wait-ms",
+                "60",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

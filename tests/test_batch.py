@@ -40,9 +40,28 @@ def test_cli_segments_good_images_and_reports_the_bad_one(folder, tiny_checkpoin
     images, boxes = folder
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "sam2flow", "batch", str(images), "--boxes", str(boxes), "--out", str(out),
-         "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32", "--batch-size", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "sam2flow",
+            "batch",
+            str(images),
+            "--boxes",
+            str(boxes),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     records = {r["file"]: r for r in read(out)}
@@ -78,8 +97,16 @@ def test_unprompted_glob_and_bad_arguments(folder, tiny_engine, tmp_path):
     images, _ = folder
     out = tmp_path / "auto.jsonl"
     config = AutomaticConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    summary = run_batch(tiny_engine, str(images / "*_rgb.*"), out, None, "polygon", params=StepParameters(),
-                        progress=False, automatic_config=config)
+    summary = run_batch(
+        tiny_engine,
+        str(images / "*_rgb.*"),
+        out,
+        None,
+        "polygon",
+        params=StepParameters(),
+        progress=False,
+        automatic_config=config,
+    )
     assert summary.done == 2
     for r in read(out):
         assert r["predictions"] and all(p["class"] == str(p["class_id"]) for p in r["predictions"])

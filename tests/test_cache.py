@@ -157,8 +157,9 @@ def make_engine(tiny_engine, monkeypatch):
     """
 
     def make(**cache_kwargs):
-        engine = Sam2Engine(tiny_engine.model, tiny_engine.spec, device="cpu", dtype="float32",
-                        cache=EmbeddingCache(**cache_kwargs))
+        engine = Sam2Engine(
+            tiny_engine.model, tiny_engine.spec, device="cpu", dtype="float32", cache=EmbeddingCache(**cache_kwargs)
+        )
         engine.encoded = []
         real = engine._embed_batch
 

@@ -73,8 +73,16 @@ def test_boxes_rle_and_annotation(tiny_checkpoint, image_file, expected, tmp_pat
 
 def test_box_with_clicks_to_stdout_as_polygons(tiny_checkpoint, image_file, expected):
     proc = run_cli(
-        "segment", image_file[0], "--checkpoint", tiny_checkpoint,
-        "--box", "10,20,200,300", "--point", "50,60", "--point", "150,250,0",
+        "segment",
+        image_file[0],
+        "--checkpoint",
+        tiny_checkpoint,
+        "--box",
+        "10,20,200,300",
+        "--point",
+        "50,60",
+        "--point",
+        "150,250,0",
     )
     preds = json.loads(proc.stdout)["predictions"]
     assert len(preds) == 1  # clicks joined the single box: one object
@@ -87,12 +95,30 @@ def test_box_with_clicks_to_stdout_as_polygons(tiny_checkpoint, image_file, expe
 
 
 def test_boxes_file_carries_classes_and_parents(tiny_checkpoint, image_file, tmp_path):
-    detections = {"predictions": [
-        {"x": 105, "y": 160, "width": 190, "height": 280, "class": "cat", "class_id": 7, "detection_id": "a1",
-         "confidence": 0.9},
-        {"x": 405, "y": 80, "width": 210, "height": 80, "class": "dog", "class_id": 3, "detection_id": "b2",
-         "confidence": 0.8},
-    ]}
+    detections = {
+        "predictions": [
+            {
+                "x": 105,
+                "y": 160,
+                "width": 190,
+                "height": 280,
+                "class": "cat",
+                "class_id": 7,
+                "detection_id": "a1",
+                "confidence": 0.9,
+            },
+            {
+                "x": 405,
+                "y": 80,
+                "width": 210,
+                "height": 80,
+                "class": "dog",
+                "class_id": 3,
+                "detection_id": "b2",
+                "confidence": 0.8,
+            },
+        ]
+    }
     boxes = tmp_path / "dets.json"
     boxes.write_text(json.dumps(detections))
     proc = run_cli("segment", image_file[0], "--checkpoint", tiny_checkpoint, "--boxes", boxes, "--single-mask")

@@ -65,8 +65,9 @@ def test_encoder_pauses_at_a_block_while_a_decode_runs(tiny_engine):
     entered = threading.Event()
     handle = engine.model.vision_encoder.backbone.blocks[0].register_forward_pre_hook(lambda *_: entered.set())
     done = []
-    embedder = threading.Thread(target=lambda: done.append(engine.embed([random_image(96, 128, seed=3)],
-                                                                        use_cache=False)))
+    embedder = threading.Thread(
+        target=lambda: done.append(engine.embed([random_image(96, 128, seed=3)], use_cache=False))
+    )
     try:
         with gate.decoding():
             embedder.start()

@@ -100,8 +100,12 @@ def call(context, body, handler=cvat.handler) -> tuple[int, object]:
 
 
 def interactor_body(image_b64: str, pos, neg=(), box=None) -> dict:
-    return {"image": image_b64, "pos_points": [list(p) for p in pos], "neg_points": [list(p) for p in neg],
-            "obj_bbox": box}
+    return {
+        "image": image_b64,
+        "pos_points": [list(p) for p in pos],
+        "neg_points": [list(p) for p in neg],
+        "obj_bbox": box,
+    }
 
 
 def interior(mask: np.ndarray) -> list[float]:
@@ -237,23 +241,26 @@ def test_detector_answers_mask_shapes_that_decode_to_the_engines_masks(engine, s
 NOT_AN_IMAGE = base64.b64encode(b"GIF89a but not really an image").decode()
 
 
-@pytest.mark.parametrize("change, status, words", [
-    (dict(pos_points=[]), 400, "no positive points"),
-    (dict(pos_points=[], neg_points=[[10, 10]]), 400, "no positive points"),
-    (dict(pos_points=[[490, 10]]), 400, "pos_points[0] [490, 10] lies outside the 480x360 image"),
-    (dict(neg_points=[[10, -1]]), 400, "neg_points[0]"),
-    (dict(pos_points=[[10]]), 400, "pos_points[0] must be [x, y]"),
-    (dict(pos_points=[[10, float("nan")]]), 400, "pos_points[0] must be [x, y]"),
-    (dict(pos_points=None), 400, "missing field 'pos_points'"),
-    (dict(neg_points="none"), 400, "field 'neg_points' must be a list"),
-    (dict(image=None), 400, "missing field 'image'"),
-    (dict(image=12), 400, "field 'image' must be a base64 string"),
-    (dict(image="@@not base64@@"), 400, "not valid base64"),
-    (dict(image=NOT_AN_IMAGE), 400, "not a readable image"),
-    (dict(obj_bbox=[[1, 2]]), 400, "obj_bbox must be"),
-    (dict(obj_bbox=[[500, 400], [600, 450]]), 400, "outside"),
-    (dict(threshold=2), 400, "threshold must be a number within [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "change, status, words",
+    [
+        (dict(pos_points=[]), 400, "no positive points"),
+        (dict(pos_points=[], neg_points=[[10, 10]]), 400, "no positive points"),
+        (dict(pos_points=[[490, 10]]), 400, "pos_points[0] [490, 10] lies outside the 480x360 image"),
+        (dict(neg_points=[[10, -1]]), 400, "neg_points[0]"),
+        (dict(pos_points=[[10]]), 400, "pos_points[0] must be [x, y]"),
+        (dict(pos_points=[[10, float("nan")]]), 400, "pos_points[0] must be [x, y]"),
+        (dict(pos_points=None), 400, "missing field 'pos_points'"),
+        (dict(neg_points="none"), 400, "field 'neg_points' must be a list"),
+        (dict(image=None), 400, "missing field 'image'"),
+        (dict(image=12), 400, "field 'image' must be a base64 string"),
+        (dict(image="@@not base64@@"), 400, "not valid base64"),
+        (dict(image=NOT_AN_IMAGE), 400, "not a readable image"),
+        (dict(obj_bbox=[[1, 2]]), 400, "obj_bbox must be"),
+        (dict(obj_bbox=[[500, 400], [600, 450]]), 400, "outside"),
+        (dict(threshold=2), 400, "threshold must be a number within [0, 1]"),
+    ],
+)
 def test_bad_interactor_requests_get_a_4xx_naming_the_problem(engine, scene, frame, change, status, words):
     context = nuclio_context(cvat.CvatFunction(engine))
     body = {**interactor_body(frame, [interior(scene.masks[0])]), **change}
@@ -261,11 +268,14 @@ def test_bad_interactor_requests_get_a_4xx_naming_the_problem(engine, scene, fra
     assert got_status == status and words in answer["error"], answer
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"{not json", "not JSON"),
-    ([1, 2], "must be a JSON object"),
-    ({"frame": 3}, "missing field 'image'"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"{not json", "not JSON"),
+        ([1, 2], "must be a JSON object"),
+        ({"frame": 3}, "missing field 'image'"),
+    ],
+)
 def test_bodies_that_are_no_request(engine, body, words):
     for kind in cvat.KINDS:
         status, answer = call(nuclio_context(cvat.CvatFunction(engine, kind)), body)
@@ -285,8 +295,10 @@ def test_limits_and_failures_are_answered_not_raised(engine, scene, frame):
     assert status == 413 and "480x360" in answer["error"] and "limit of 10000" in answer["error"]
     status, answer = call(nuclio_context(cvat.CvatFunction(engine, "detector")), {"image": NOT_AN_IMAGE})
     assert status == 400 and "not a readable image" in answer["error"]
-    status, answer = call(nuclio_context(cvat.CvatFunction(engine)),
-                          {**interactor_body(frame, [interior(scene.masks[0])]), "threshold": 1.0})
+    status, answer = call(
+        nuclio_context(cvat.CvatFunction(engine)),
+        {**interactor_body(frame, [interior(scene.masks[0])]), "threshold": 1.0},
+    )
     assert status == 422 and "below threshold" in answer["error"]
     status, answer = call(nuclio_context(cvat.CvatFunction(BrokenEngine())), interactor_body(frame, [[10, 10]]))
     assert status == 500 and answer["error"] == "internal error: RuntimeError: CUDA out of memory"
@@ -347,8 +359,9 @@ def test_environment_settings_are_checked():
     with pytest.raises(ValueError, match="SAM2FLOW_MAX_IMAGE_PIXELS must be an integer"):
         cvat.FunctionConfig.from_env({"SAM2FLOW_MAX_IMAGE_PIXELS": "lots"})
     with pytest.raises(ValueError, match="set it on the server"):
-        cvat.FunctionConfig.from_env({"SAM2FLOW_REMOTE_URL": "http://x:9001",
-                                      "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": "8"})
+        cvat.FunctionConfig.from_env(
+            {"SAM2FLOW_REMOTE_URL": "http://x:9001", "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": "8"}
+        )
 
 
 # ---- the deployed entry point, and forwarding to a server ----------------------------------
@@ -363,8 +376,9 @@ def load_main():
     return module
 
 
-def test_deployed_main_loads_the_model_from_the_function_yaml_environment(engine, scene, frame, checkpoint,
-                                                                          monkeypatch):
+def test_deployed_main_loads_the_model_from_the_function_yaml_environment(
+    engine, scene, frame, checkpoint, monkeypatch
+):
     """nuclio's own test platform calls main.init_context once, then main.handler."""
     config = yaml.safe_load((DEPLOY / "sam2" / "function.yaml").read_text())
     for item in config["spec"]["env"]:

@@ -148,8 +148,9 @@ def test_occluded_shape_split_in_two_stays_one_detection_through_rle_and_polygon
         for fmt in ("rle", "polygon"):
             payload = detections_to_predictions(dets, fmt)
             assert len(payload) == 1
-            back = predictions_to_detections({"image": {"width": 512, "height": 512}, "predictions": payload},
-                                             scene.size)
+            back = predictions_to_detections(
+                {"image": {"width": 512, "height": 512}, "predictions": payload}, scene.size
+            )
             assert len(back) == 1
             iou = mask_iou(back.mask[0], mask[0])
             assert iou == 1.0 if fmt == "rle" else iou >= 0.95, (fmt, iou)
@@ -158,14 +159,22 @@ def test_occluded_shape_split_in_two_stays_one_detection_through_rle_and_polygon
 
 def test_fixture_and_demo_commands(tmp_path):
     pt = tmp_path / "sam2.1_hiera_tiny.pt"
-    run = subprocess.run([sys.executable, "-m", "sam2flow", "fixture", "--out", str(pt), "--family", "sam2"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "fixture", "--out", str(pt), "--family", "sam2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     state = torch.load(pt, map_location="cpu", weights_only=True)["model"]
     key = "sam_mask_decoder.iou_token.weight"
     assert torch.equal(state[key], fixture.load_trained()[key])
-    run = subprocess.run([sys.executable, "-m", "sam2flow", "demo", "--out", str(tmp_path / "demo")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "demo", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "demo" / "result.json").read_text())
     scene = make_scene(3, size=(480, 640))
@@ -192,13 +201,23 @@ def test_server_with_inference_sdk_segments_the_shapes(fixture_server, tmp_path)
     from inference_sdk import InferenceConfiguration, InferenceHTTPClient
 
     client = InferenceHTTPClient(api_url=fixture_server, api_key=SERVER_API_KEY).configure(
-        InferenceConfiguration(api_key_transport="header"))
+        InferenceConfiguration(api_key_transport="header")
+    )
     scene = make_scene(1_000_102, size=(360, 480))
     path = tmp_path / "scene.png"
     Image.fromarray(scene.image).save(path)
     boxes = box_prompts(scene)
-    prompts = [{"box": {"x": float(b[0] + b[2]) / 2, "y": float(b[1] + b[3]) / 2,
-                        "width": float(b[2] - b[0]), "height": float(b[3] - b[1])}} for b in boxes]
+    prompts = [
+        {
+            "box": {
+                "x": float(b[0] + b[2]) / 2,
+                "y": float(b[1] + b[3]) / 2,
+                "width": float(b[2] - b[0]),
+                "height": float(b[3] - b[1]),
+            }
+        }
+        for b in boxes
+    ]
     result = client.sam2_segment_image(str(path), prompts=prompts, mask_input_format="rle")
     masks = [rle_to_mask(p["masks"]) for p in result["predictions"]]
     ious = [mask_iou(m, t) for m, t in zip(masks, scene.masks)]
@@ -209,9 +228,9 @@ def test_server_with_inference_sdk_segments_the_shapes(fixture_server, tmp_path)
     for p, mask in zip(polygons, masks):
         filled = polygons_to_mask([np.asarray(poly, np.float32) for poly in p["masks"]], *mask.shape)
         assert mask_iou(filled, mask) >= 0.95, mask_iou(filled, mask)
-    wire = {"image": {"width": 480, "height": 360},
-            "predictions": detections_to_predictions(scene_detections(scene))}
-    out = client.run_workflow(specification=DEMO_DEFINITION, images={"image": str(path)},
-                              parameters={"detections": wire})
+    wire = {"image": {"width": 480, "height": 360}, "predictions": detections_to_predictions(scene_detections(scene))}
+    out = client.run_workflow(
+        specification=DEMO_DEFINITION, images={"image": str(path)}, parameters={"detections": wire}
+    )
     preds = out[0]["predictions"]["predictions"]
     assert [p["class"] for p in preds] == list(scene.kinds)

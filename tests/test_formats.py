@@ -100,8 +100,11 @@ def test_box_conversions_round_trip():
 def test_mask_iou_counts_pixels_and_broadcasts():
     a, b = SHAPES["ellipse_large"], SHAPES["rect_rotated"]
     want = (a & b).sum() / (a | b).sum()  # the definition, on pycocotools' side too:
-    coco = mask_utils.iou([mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))],
-                          [mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))], [0])[0, 0]
+    coco = mask_utils.iou(
+        [mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))],
+        [mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))],
+        [0],
+    )[0, 0]
     assert 0.1 < want < 0.9 and mask_iou(a, b) == pytest.approx(want) == pytest.approx(coco)
     assert mask_iou(a.astype(np.uint8) * 255, a) == 1.0  # non-zero is True
     empty = np.zeros((H, W), bool)
@@ -235,8 +238,7 @@ def test_polygon_round_trip_beats_half_pixel_offsets():
     mask = SHAPES["rect_rotated"]
     polygons = mask_to_polygons(mask)
     scores = {
-        offset: mask_iou(polygons_to_mask([p + offset for p in polygons], H, W), mask)
-        for offset in (0.0, 0.5, -0.5)
+        offset: mask_iou(polygons_to_mask([p + offset for p in polygons], H, W), mask) for offset in (0.0, 0.5, -0.5)
     }
     assert scores[0.0] == max(scores.values()) == 1.0
 

@@ -45,9 +45,16 @@ def image_file(tmp_path_factory):
 
 
 def test_every_local_form_gives_the_same_pixels(image_file):
-    forms = [IMAGE, image_file, str(image_file), b64(IMAGE), f"data:image/png;base64,{b64(IMAGE)}",
-             {"type": "base64", "value": b64(IMAGE)}, {"type": "numpy", "value": IMAGE.tolist()},
-             {"type": "file", "value": str(image_file)}]
+    forms = [
+        IMAGE,
+        image_file,
+        str(image_file),
+        b64(IMAGE),
+        f"data:image/png;base64,{b64(IMAGE)}",
+        {"type": "base64", "value": b64(IMAGE)},
+        {"type": "numpy", "value": IMAGE.tolist()},
+        {"type": "file", "value": str(image_file)},
+    ]
     for form in forms:
         out = load_image(form)
         assert out.dtype == np.uint8 and out.shape == (40, 60, 3)
@@ -66,9 +73,21 @@ def test_wire_refuses_local_forms_with_one_message_and_reads_nothing(image_file,
     real_read = images.read_image_file
     monkeypatch.setattr(images, "read_image_file", lambda *a, **k: opened.append(a) or real_read(*a, **k))
     missing = tmp_path / "nope.png"
-    forms = [str(image_file), str(missing), image_file, b64(IMAGE), {"type": "file", "value": str(image_file)},
-             {"type": "file", "value": str(missing)}, {"type": "s3", "value": "x"}, {"value": b64(IMAGE)},
-             {"type": "base64"}, [{"type": "base64", "value": b64(IMAGE)}], None, 3, IMAGE]
+    forms = [
+        str(image_file),
+        str(missing),
+        image_file,
+        b64(IMAGE),
+        {"type": "file", "value": str(image_file)},
+        {"type": "file", "value": str(missing)},
+        {"type": "s3", "value": "x"},
+        {"value": b64(IMAGE)},
+        {"type": "base64"},
+        [{"type": "base64", "value": b64(IMAGE)}],
+        None,
+        3,
+        IMAGE,
+    ]
     messages = set()
     for form in forms:
         with pytest.raises(ValueError) as e:
@@ -85,8 +104,9 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     with pytest.raises(ImageTooLarge, match="12000x12000 pixels is over the limit of 1000000"):
         images.decode_image_bytes(data, "image", ImageLimits(max_pixels=1_000_000))
     with pytest.raises(ImageTooLarge, match="over the limit"):
-        load_wire_image({"type": "base64", "value": base64.b64encode(data).decode()}, "image",
-                        ImageLimits(max_pixels=1_000_000))
+        load_wire_image(
+            {"type": "base64", "value": base64.b64encode(data).decode()}, "image", ImageLimits(max_pixels=1_000_000)
+        )
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 100 << 10, f"peak memory grew by {grown_kib} KiB: pixels were decoded"
 

@@ -31,8 +31,15 @@ LABELS = np.array([[1, 0], [1, 1]])
 
 # Meta's video-memory weights, which image segmentation never uses.
 VIDEO_PREFIXES = {
-    "sam2": ("memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
-             "mask_downsample.", "obj_ptr_proj."),
+    "sam2": (
+        "memory_attention.",
+        "memory_encoder.",
+        "maskmem_tpos_enc",
+        "no_mem_pos_enc",
+        "no_obj_ptr",
+        "mask_downsample.",
+        "obj_ptr_proj.",
+    ),
 }
 VIDEO_PREFIXES["sam2.1"] = VIDEO_PREFIXES["sam2"] + ("no_obj_embed_spatial", "obj_ptr_tpos_proj.")
 
@@ -219,8 +226,9 @@ def test_wrong_shape_is_an_error(tiny_state, tmp_path, key, shape):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("version", [v if v == "hiera_tiny" else pytest.param(v, marks=pytest.mark.large)
-                                     for v in VERSIONS])
+@pytest.mark.parametrize(
+    "version", [v if v == "hiera_tiny" else pytest.param(v, marks=pytest.mark.large) for v in VERSIONS]
+)
 def test_layout_is_the_release_files_layout(version, family):
     """``models/layout.py`` (used by the converter and the fixture) lists exactly the keys and shapes
     of Meta's model, so of its release files."""
@@ -243,8 +251,9 @@ def test_video_weights_are_dropped_by_the_list(make_checkpoint, family):
     converted = convert_state_dict(state, spec)
     assert set(converted) == _empty_model_keys(spec)
     # Dropped, not used: poisoning every video weight changes nothing that is loaded.
-    poisoned = convert_state_dict({k: torch.full_like(v, float("nan")) if k in video else v
-                                   for k, v in state.items()}, spec)
+    poisoned = convert_state_dict(
+        {k: torch.full_like(v, float("nan")) if k in video else v for k, v in state.items()}, spec
+    )
     assert set(poisoned) == set(converted)
     assert all(torch.equal(poisoned[k], converted[k]) for k in converted)
     assert not [k for k in converted if "memory" in k and k != "no_memory_embedding"]
@@ -319,10 +328,16 @@ def test_hf_directory_keys_are_checked(hf_dir, tmp_path, edit, named):
 
 def test_hf_directory_with_video_weights_loads(hf_dir, tmp_path, tiny_engine):
     """Hub repositories also hold the video model's weights; Sam2Model's own list drops them."""
-    path = _hf_copy(hf_dir, tmp_path / "hf", lambda s: s.update({
-        "memory_attention.layers.0.self_attn.q_proj.weight": torch.zeros(256, 256),
-        "memory_encoder.projection.bias": torch.zeros(64),
-    }))
+    path = _hf_copy(
+        hf_dir,
+        tmp_path / "hf",
+        lambda s: s.update(
+            {
+                "memory_attention.layers.0.self_attn.q_proj.weight": torch.zeros(256, 256),
+                "memory_encoder.projection.bias": torch.zeros(64),
+            }
+        ),
+    )
     model, _ = load_model("hiera_tiny", checkpoint=path)
     _same_weights(model, tiny_engine.model)
 
@@ -460,22 +475,28 @@ def test_download_is_skipped_when_offline_or_disabled(offline_hub, monkeypatch):
 # ---- names ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call", [
-    lambda: get_spec("hiera_huge"),
-    lambda: load_model("hiera_huge"),
-    lambda: Sam2Engine.from_pretrained("tiny"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: get_spec("hiera_huge"),
+        lambda: load_model("hiera_huge"),
+        lambda: Sam2Engine.from_pretrained("tiny"),
+    ],
+)
 def test_unknown_version(call):
     with pytest.raises(ValueError, match="unknown SAM2 version") as info:
         call()
     assert all(v in str(info.value) for v in VERSIONS)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: get_spec("hiera_tiny", "sam3"),
-    lambda: load_model("hiera_tiny", "sam2.2"),
-    lambda: Sam2Engine.from_pretrained("hiera_tiny", "SAM2.1"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: get_spec("hiera_tiny", "sam3"),
+        lambda: load_model("hiera_tiny", "sam2.2"),
+        lambda: Sam2Engine.from_pretrained("hiera_tiny", "SAM2.1"),
+    ],
+)
 def test_unknown_family(call):
     with pytest.raises(ValueError, match="unknown SAM2 family") as info:
         call()

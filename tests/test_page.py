@@ -18,21 +18,20 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
 import requests
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import SERVER_API_KEY, mask_iou, start_server, stop_server
 from sam2flow import Prompt, Sam2Engine
 from sam2flow.formats import predictions_to_detections, rle_to_mask
 from sam2flow.testing import fixture
 from sam2flow.testing.scenes import make_scene
+
+from conftest import SERVER_API_KEY, mask_iou, start_server, stop_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCENE_SEED = 1_000_102  # polygons and a rectangle, 360 x 480
@@ -66,8 +65,9 @@ def scene(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    url, proc = start_server(checkpoint, tmp_path_factory.mktemp("page-server") / "server.log",
-                             {"SAM2FLOW_LABELS": LABELS})
+    url, proc = start_server(
+        checkpoint, tmp_path_factory.mktemp("page-server") / "server.log", {"SAM2FLOW_LABELS": LABELS}
+    )
     yield url
     stop_server(proc)
 
@@ -78,9 +78,18 @@ def browser():
     profile = tempfile.mkdtemp(prefix="sam2flow-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1280,800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     driver.set_script_timeout(120)
@@ -100,7 +109,8 @@ def js(driver, expr: str):
     """Evaluate ``expr`` in the page; promises are awaited."""
     return driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        f"Promise.resolve().then(() => ({expr})).then(v => done(v), e => done({{error: String(e)}}));")
+        f"Promise.resolve().then(() => ({expr})).then(v => done(v), e => done({{error: String(e)}}));"
+    )
 
 
 def wait_for(driver, expr: str, timeout: float = 60):
@@ -111,8 +121,11 @@ def open_page(driver, url: str, key: str | None = SERVER_API_KEY):
     driver.get(url + "/page/config")  # same origin: forget the key an earlier test gave
     driver.execute_script("sessionStorage.clear()")
     driver.get(url + "/")
-    wait_for(driver, "window.sam2flowPage && window.sam2flowPage.state.config !== null || "
-                     "document.getElementById('key-dialog').open")
+    wait_for(
+        driver,
+        "window.sam2flowPage && window.sam2flowPage.state.config !== null || "
+        "document.getElementById('key-dialog').open",
+    )
     if key is not None:
         wait_for(driver, "document.getElementById('key-dialog').open")
         driver.find_element(By.ID, "key-input").send_keys(key + "\n")
@@ -161,8 +174,12 @@ def box_around(scene, k: int, margin: int = 3) -> list[float]:
     """Shape ``k``'s box with a margin, inside the image (a drag must start on the canvas)."""
     h, w = scene.masks.shape[1:]
     x1, y1, x2, y2 = scene.boxes[k]
-    return [float(max(x1 - margin, 1)), float(max(y1 - margin, 1)), float(min(x2 + 1 + margin, w - 2)),
-            float(min(y2 + 1 + margin, h - 2))]
+    return [
+        float(max(x1 - margin, 1)),
+        float(max(y1 - margin, 1)),
+        float(min(x2 + 1 + margin, w - 2)),
+        float(min(y2 + 1 + margin, h - 2)),
+    ]
 
 
 def outside_point(scene, k: int) -> tuple[float, float]:
@@ -191,8 +208,9 @@ def test_box_then_negative_click_gives_the_engines_mask_and_undo_restores(server
     first = engine.predict_prompts(emb, [Prompt(box=obj["box"])], True)
     points = [p[:2] for p in obj["points"]]
     labels = [int(p[2]) for p in obj["points"]]
-    refined = engine.predict_prompts(emb, [Prompt(obj["box"], points, labels, first.low_res_logits[0])],
-                                     len(points) <= 1)
+    refined = engine.predict_prompts(
+        emb, [Prompt(obj["box"], points, labels, first.low_res_logits[0])], len(points) <= 1
+    )
     page_mask = rle_to_mask(obj["rle"])
     assert mask_iou(rle_to_mask(after_box["rle"]), first.masks[0]) >= 0.98
     assert mask_iou(page_mask, refined.masks[0]) >= 0.98, mask_iou(page_mask, refined.masks[0])
@@ -268,14 +286,24 @@ def test_folder_mode_saves_resumes_and_stays_inside(checkpoint, browser, scene, 
 
     url, proc = start_server(checkpoint, tmp_path / "server1.log", env)
     try:
-        for bad in ("/page/folder/file/../secret.png", "/page/folder/file/%2e%2e/secret.png",
-                    "/page/folder/file/sub/../../secret.png", f"/page/folder/file/{secret}",
-                    f"/page/folder/file/{secret.as_posix().replace('/', '%2F')}", "/page/folder/file/link.png",
-                    "/page/folder/objects/../secret.png", "/page/folder/file//etc/passwd"):
+        for bad in (
+            "/page/folder/file/../secret.png",
+            "/page/folder/file/%2e%2e/secret.png",
+            "/page/folder/file/sub/../../secret.png",
+            f"/page/folder/file/{secret}",
+            f"/page/folder/file/{secret.as_posix().replace('/', '%2F')}",
+            "/page/folder/file/link.png",
+            "/page/folder/objects/../secret.png",
+            "/page/folder/file//etc/passwd",
+        ):
             status, body = raw_get(url, bad)
             assert status == 404 and json.loads(body) == {"error": "no such image in the folder"}, (bad, status, body)
-        r = requests.post(f"{url}/page/folder/embed", json={"name": str(secret)},
-                          headers={"Authorization": f"Bearer {SERVER_API_KEY}"}, timeout=30)
+        r = requests.post(
+            f"{url}/page/folder/embed",
+            json={"name": str(secret)},
+            headers={"Authorization": f"Bearer {SERVER_API_KEY}"},
+            timeout=30,
+        )
         assert r.status_code == 404
         assert raw_get(url, "/page/folder/file/sub/b.png")[0] == 200
 

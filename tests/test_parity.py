@@ -128,8 +128,9 @@ def test_hole_and_sprinkle_removal_match_the_reference(make_checkpoint, monkeypa
 
     monkeypatch.setattr("sam2.utils.misc.get_connected_components", kernel)
     engine, _ = make_pair(make_checkpoint, "hiera_tiny", "sam2.1")
-    predictor = SAM2ImagePredictor(build_reference(get_spec("hiera_tiny", "sam2.1")), max_hole_area=hole,
-                                   max_sprinkle_area=sprinkle)
+    predictor = SAM2ImagePredictor(
+        build_reference(get_spec("hiera_tiny", "sam2.1")), max_hole_area=hole, max_sprinkle_area=sprinkle
+    )
     hw, boxes, points, labels = SCENES["odd_333x517"]
     image = random_image(*hw, seed=11)
     predictor.set_image(image)
@@ -151,8 +152,9 @@ def test_fused_decoder_equals_transformers_decoder(tiny_checkpoint, multimask):
     from sam2flow.engine.prompts import PromptArrays
 
     fused = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
-    plain = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu",
-                                       dtype="float32", fused_decoder=False)
+    plain = Sam2Engine.from_pretrained(
+        "hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", fused_decoder=False
+    )
     image = random_image(300, 500, seed=5)
     emb = fused.embed([image])[0]
     rng = np.random.default_rng(1)
@@ -162,8 +164,12 @@ def test_fused_decoder_equals_transformers_decoder(tiny_checkpoint, multimask):
     clicks = rng.uniform(0, 300, (n, 2, 2)).astype(np.float32)
     labels = rng.integers(0, 2, (n, 2)).astype(np.int32)
     masks_in = rng.normal(0, 4, (n, 1, 256, 256)).astype(np.float32)
-    for prompts in (PromptArrays(boxes, None, None, None), PromptArrays(None, clicks, labels, None),
-                    PromptArrays(boxes, clicks, labels, None), PromptArrays(boxes, None, None, masks_in)):
+    for prompts in (
+        PromptArrays(boxes, None, None, None),
+        PromptArrays(None, clicks, labels, None),
+        PromptArrays(boxes, clicks, labels, None),
+        PromptArrays(boxes, None, None, masks_in),
+    ):
         got_logits, got_iou = fused.decode_low_res(emb, prompts, multimask)
         want_logits, want_iou = plain.decode_low_res(emb, prompts, multimask)
         assert got_logits.shape == want_logits.shape == (n, 3 if multimask else 1, 256, 256)

@@ -30,8 +30,9 @@ def test_cache_keeps_precisions_apart(tiny_checkpoint, tiny_engine):
     embeddings: only the precision tells their keys apart."""
     import copy
 
-    bf16 = Sam2Engine(copy.deepcopy(tiny_engine.model), tiny_engine.spec, device="cpu", dtype="bfloat16",
-                      cache=tiny_engine.cache)
+    bf16 = Sam2Engine(
+        copy.deepcopy(tiny_engine.model), tiny_engine.spec, device="cpu", dtype="bfloat16", cache=tiny_engine.cache
+    )
     image = random_image(64, 64, seed=9)
     a = tiny_engine.embed([image])[0]
     b = bf16.embed([image])[0]
@@ -53,8 +54,11 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     from sam2flow.engine import precision
 
     cpu = torch.device("cpu")
-    for flags, want in [({"avx2", "avx512f"}, torch.float32), ({"avx512_bf16"}, torch.bfloat16),
-                        ({"amx_bf16", "amx_tile"}, torch.bfloat16)]:
+    for flags, want in [
+        ({"avx2", "avx512f"}, torch.float32),
+        ({"avx512_bf16"}, torch.bfloat16),
+        ({"amx_bf16", "amx_tile"}, torch.bfloat16),
+    ]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert precision.resolve_dtype("auto", cpu) == want
     assert precision.resolve_dtype("fp32", cpu) == torch.float32
@@ -75,8 +79,7 @@ def test_engine_default_is_auto(tiny_checkpoint):
 
 def test_compiled_encoder_gives_the_same_masks(tiny_checkpoint, tiny_engine):
     """torch.compile (opt-in) is a fast path too: same masks as the plain float32 engine."""
-    compiled = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32",
-                                          compile=True)
+    compiled = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", compile=True)
     assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
     image = random_image(480, 640, seed=6)
     boxes = np.array([[0, 0, 64, 48], [100, 100, 500, 380], [300, 20, 620, 200]], np.float32)

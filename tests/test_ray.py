@@ -128,8 +128,23 @@ def test_ray_batch_gives_the_records_of_plain_batch(cluster, folder, tiny_checkp
     plain = tmp_path / "plain.jsonl"
     run_batch(tiny_engine, str(images), plain, str(boxes), batch_size=2, progress=False)
     out = tmp_path / "ray.jsonl"
-    argv = ["batch", str(images), "--boxes", str(boxes), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
-            "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--ray"]
+    argv = [
+        "batch",
+        str(images),
+        "--boxes",
+        str(boxes),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "2",
+        "--ray",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "3 segmented, 1 failed, 0 already done" in err and "unreadable: d_corrupt.png" in err
@@ -159,8 +174,25 @@ def test_ray_batch_writes_parquet_and_resumes_it(cluster, folder, tiny_checkpoin
     plain = tmp_path / "plain.jsonl"
     run_batch(tiny_engine, pattern, plain, str(boxes), "polygon", batch_size=2, progress=False)
     out = tmp_path / "masks.parquet"
-    argv = ["batch", pattern, "--boxes", str(boxes), "--out", str(out), "--format", "polygon",
-            "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--ray"]
+    argv = [
+        "batch",
+        pattern,
+        "--boxes",
+        str(boxes),
+        "--out",
+        str(out),
+        "--format",
+        "polygon",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "2",
+        "--ray",
+    ]
     assert main(argv) == 0
     assert "1 segmented, 1 failed" in capsys.readouterr().err
     table = pq.read_table(out)  # the directory reads as one table
@@ -186,9 +218,19 @@ def test_ray_serve_answers_the_sdk_as_the_plain_server_does(cluster, tiny_checkp
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # The documented config's application, on this machine: CPU, one replica, the test checkpoint.
     config = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
-    args = {**config["applications"][0]["args"], "num_gpus_per_replica": 0, "num_cpus_per_replica": 1,
-            "min_replicas": 1, "max_replicas": 1, "preload": "hiera_tiny", "checkpoint": str(tiny_checkpoint),
-            "device": "cpu", "dtype": "float32", "api_key": SERVER_API_KEY, "max_wait_ms": 60}
+    args = {
+        **config["applications"][0]["args"],
+        "num_gpus_per_replica": 0,
+        "num_cpus_per_replica": 1,
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "preload": "hiera_tiny",
+        "checkpoint": str(tiny_checkpoint),
+        "device": "cpu",
+        "dtype": "float32",
+        "api_key": SERVER_API_KEY,
+        "max_wait_ms": 60,
+    }
     serve.run(app_builder(args), name=APP_NAME, route_prefix="/")
     wait_ready(url, timeout_s=180)
 
@@ -196,20 +238,26 @@ def test_ray_serve_answers_the_sdk_as_the_plain_server_does(cluster, tiny_checkp
     path = tmp_path / "image.png"  # files go byte for byte (arrays the client re-encodes as JPEG)
     Image.fromarray(image).save(path)
     client = InferenceHTTPClient(api_url=url, api_key=SERVER_API_KEY).configure(
-        InferenceConfiguration(api_key_transport="header"))
+        InferenceConfiguration(api_key_transport="header")
+    )
     boxes = [[40, 30, 160, 150], [170, 60, 300, 220]]
     prompts = [box_prompt(b) for b in boxes] + [{"points": [{"x": 100, "y": 90, "positive": True}]}]
     result = client.sam2_segment_image(str(path), prompts=prompts, mask_input_format="rle")
-    want = tiny_engine.predict_prompts(tiny_engine.embed([image])[0],
-                                       [Prompt(box=b) for b in boxes] + [Prompt(points=[[100, 90]], labels=[1])])
+    want = tiny_engine.predict_prompts(
+        tiny_engine.embed([image])[0], [Prompt(box=b) for b in boxes] + [Prompt(points=[[100, 90]], labels=[1])]
+    )
     assert len(result["predictions"]) == 3
     for p, mask, score in zip(result["predictions"], want.masks, want.scores):
         assert p["format"] == "rle" and np.array_equal(rle_to_mask(p["masks"]), mask)
         assert p["confidence"] == pytest.approx(float(score), abs=1e-5)
 
     # The workflow route embeds from a worker thread through Serve's batcher (cached here: cheap).
-    dets = {"image": {"width": 320, "height": 240}, "predictions": [
-        {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"}]}
+    dets = {
+        "image": {"width": 320, "height": 240},
+        "predictions": [
+            {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"}
+        ],
+    }
     out = client.run_workflow(specification=BOXES_WORKFLOW, images={"image": str(path)}, parameters={"boxes": dets})
     assert [(p["class"], p["parent_id"]) for p in out[0]["masks"]["predictions"]] == [("cup", "u1")]
 
@@ -240,8 +288,11 @@ def ours(procs: dict[int, tuple[int, str]]) -> dict[int, str]:
         frontier = {p for p, (ppid, _) in procs.items() if ppid in frontier} - mine
         mine |= frontier
     session = re.compile(rf"/session_[\d_-]+_{os.getpid()}\b")
-    return {p: args for p, (_, args) in procs.items()
-            if (p in mine and re.search(r"ray|gcs_server|raylet", args)) or session.search(args)}
+    return {
+        p: args
+        for p, (_, args) in procs.items()
+        if (p in mine and re.search(r"ray|gcs_server|raylet", args)) or session.search(args)
+    }
 
 
 @needs_ray

@@ -32,8 +32,12 @@ def first_run_commands() -> list[str]:
 def test_the_first_run_works_offline(tmp_path):
     commands = first_run_commands()
     assert commands[0].startswith("sam2flow demo") and any(c.startswith("sam2flow segment") for c in commands)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "SAM2FLOW_WEIGHTS_DIR": str(tmp_path / "no-weights")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "SAM2FLOW_WEIGHTS_DIR": str(tmp_path / "no-weights"),
+    }
     outputs = []
     for command in commands:
         run = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

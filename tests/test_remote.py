@@ -29,13 +29,17 @@ def test_remote_equals_local(live_server, tiny_engine):
 
 
 def test_remote_unprompted_equals_local(live_server, tiny_engine):
-    definition = {**DEFINITION, "inputs": [i for i in DEFINITION["inputs"] if i["name"] != "detections"],
-                  "steps": [{k: v for k, v in DEFINITION["steps"][0].items() if k != "boxes"}]}
+    definition = {
+        **DEFINITION,
+        "inputs": [i for i in DEFINITION["inputs"] if i["name"] != "detections"],
+        "steps": [{k: v for k, v in DEFINITION["steps"][0].items() if k != "boxes"}],
+    }
     image = random_image(96, 128, seed=77)
     config = AutomaticConfig(points_per_side=SERVER_POINTS_PER_SIDE)  # what the server uses
     local = run_workflow(definition, {"image": image}, EnginePool.of(tiny_engine), config)[0]["predictions"]
-    remote = run_workflow(definition, {"image": image}, execution="remote", api_url=live_server,
-                          api_key=SERVER_API_KEY)[0]["predictions"]
+    remote = run_workflow(
+        definition, {"image": image}, execution="remote", api_url=live_server, api_key=SERVER_API_KEY
+    )[0]["predictions"]
     assert np.array_equal(local.mask, remote.mask) and list(local.data["class_name"]) == list(remote.data["class_name"])
 
 
@@ -68,9 +72,23 @@ def test_cli_remote_flag(live_server, tmp_path, monkeypatch):
     (tmp_path / "d.json").write_text(json.dumps(DETECTIONS[0]))
     env = {**__import__("os").environ, "SAM2FLOW_API_KEY": SERVER_API_KEY}
     proc = subprocess.run(
-        [sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"), "--remote", live_server,
-         "--input", f"image={tmp_path / 'a.png'}", "--input", f"detections=@{tmp_path / 'd.json'}"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "sam2flow",
+            "run-workflow",
+            str(tmp_path / "wf.json"),
+            "--remote",
+            live_server,
+            "--input",
+            f"image={tmp_path / 'a.png'}",
+            "--input",
+            f"detections=@{tmp_path / 'd.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert [p["class"] for p in json.loads(proc.stdout)[0]["predictions"]["predictions"]] == ["cat", "dog"]

@@ -30,7 +30,8 @@ def client(server):
     from inference_sdk import InferenceConfiguration, InferenceHTTPClient
 
     return InferenceHTTPClient(api_url=server, api_key=API_KEY).configure(
-        InferenceConfiguration(api_key_transport="header"))
+        InferenceConfiguration(api_key_transport="header")
+    )
 
 
 IMAGE = random_image(240, 320, seed=41)
@@ -59,11 +60,13 @@ def test_health_ready_info_and_openapi(server):
 
 def test_sdk_boxes_and_points_equal_the_engine(client, tiny_engine, image_path):
     emb = tiny_engine.embed([IMAGE])[0]
-    prompts = [box_prompt(b) for b in BOXES] + [{"points": [{"x": 100, "y": 90, "positive": True},
-                                                            {"x": 250, "y": 200, "positive": False}]}]
+    prompts = [box_prompt(b) for b in BOXES] + [
+        {"points": [{"x": 100, "y": 90, "positive": True}, {"x": 250, "y": 200, "positive": False}]}
+    ]
     result = client.sam2_segment_image(image_path, prompts=prompts, mask_input_format="rle")
-    want = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES] + [
-        Prompt(points=[[100, 90], [250, 200]], labels=[1, 0])])
+    want = tiny_engine.predict_prompts(
+        emb, [Prompt(box=b) for b in BOXES] + [Prompt(points=[[100, 90], [250, 200]], labels=[1, 0])]
+    )
     assert len(result["predictions"]) == 3
     for p, mask, score in zip(result["predictions"], want.masks, want.scores):
         assert p["format"] == "rle"
@@ -74,9 +77,13 @@ def test_sdk_boxes_and_points_equal_the_engine(client, tiny_engine, image_path):
 
 
 def test_sdk_workflow_forwards_classes(client, image_path):
-    dets = {"image": {"width": 320, "height": 240}, "predictions": [
-        {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"},
-        {"x": 235, "y": 140, "width": 130, "height": 160, "class": "bowl", "class_id": 5, "detection_id": "u2"}]}
+    dets = {
+        "image": {"width": 320, "height": 240},
+        "predictions": [
+            {"x": 100, "y": 90, "width": 120, "height": 120, "class": "cup", "class_id": 3, "detection_id": "u1"},
+            {"x": 235, "y": 140, "width": 130, "height": 160, "class": "bowl", "class_id": 5, "detection_id": "u2"},
+        ],
+    }
     out = client.run_workflow(specification=BOXES_WORKFLOW, images={"image": image_path}, parameters={"boxes": dets})
     preds = out[0]["masks"]["predictions"]
     assert [(p["class"], p["class_id"], p["parent_id"]) for p in preds] == [("cup", 3, "u1"), ("bowl", 5, "u2")]
@@ -96,21 +103,33 @@ def b64(image, fmt="PNG"):
 def test_embed_then_segment_by_image_id_and_refine_with_cached_logits(server, tiny_engine):
     r = post(server, "/sam2/embed_image", {"image": {"type": "base64", "value": b64(IMAGE)}, "image_id": "photo-1"})
     assert r.status_code == 200 and r.json()["image_id"] == "photo-1"
-    first = {"image_id": "photo-1", "prompts": {"prompts": [{"points": [{"x": 100, "y": 90, "positive": True}]}]},
-             "format": "rle", "save_logits_to_cache": True}
+    first = {
+        "image_id": "photo-1",
+        "prompts": {"prompts": [{"points": [{"x": 100, "y": 90, "positive": True}]}]},
+        "format": "rle",
+        "save_logits_to_cache": True,
+    }
     r1 = post(server, "/sam2/segment_image", first)
     assert r1.status_code == 200, r1.text
     emb = tiny_engine.embed([IMAGE])[0]
     want1 = tiny_engine.predict_prompts(emb, [Prompt(points=[[100, 90]], labels=[1])])
     assert np.array_equal(rle_to_mask(r1.json()["predictions"][0]["masks"]), want1.masks[0])
     # A second click extends the first prompt: the previous logits become the mask prompt.
-    second = {**first, "prompts": {"prompts": [{"points": [{"x": 100, "y": 90, "positive": True},
-                                                            {"x": 60, "y": 50, "positive": False}]}]},
-              "load_logits_from_cache": True, "multimask_output": False}
+    second = {
+        **first,
+        "prompts": {
+            "prompts": [{"points": [{"x": 100, "y": 90, "positive": True}, {"x": 60, "y": 50, "positive": False}]}]
+        },
+        "load_logits_from_cache": True,
+        "multimask_output": False,
+    }
     r2 = post(server, "/sam2/segment_image", second)
     assert r2.status_code == 200, r2.text
-    want2 = tiny_engine.predict_prompts(emb, [Prompt(points=[[100, 90], [60, 50]], labels=[1, 0],
-                                                     mask_input=want1.low_res_logits[0])], multimask_output=False)
+    want2 = tiny_engine.predict_prompts(
+        emb,
+        [Prompt(points=[[100, 90], [60, 50]], labels=[1, 0], mask_input=want1.low_res_logits[0])],
+        multimask_output=False,
+    )
     assert np.array_equal(rle_to_mask(r2.json()["predictions"][0]["masks"]), want2.masks[0])
     binary = post(server, "/sam2/segment_image", {**first, "format": "binary"})
     arrays = np.load(io.BytesIO(binary.content))
@@ -123,8 +142,11 @@ def test_embed_without_image_id_answers_the_content_hash(server, tiny_engine):
     image = random_image(120, 150, seed=43)
     r = post(server, "/sam2/embed_image", {"image": {"type": "base64", "value": b64(image)}})
     assert r.status_code == 200 and r.json()["image_id"] == content_hash(image)
-    r = post(server, "/sam2/segment_image", {"image_id": r.json()["image_id"], "format": "rle",
-                                             "prompts": [box_prompt([20, 30, 110, 100])]})
+    r = post(
+        server,
+        "/sam2/segment_image",
+        {"image_id": r.json()["image_id"], "format": "rle", "prompts": [box_prompt([20, 30, 110, 100])]},
+    )
     assert r.status_code == 200, r.text
     want = tiny_engine.predict(tiny_engine.embed([image])[0], boxes=[[20, 30, 110, 100]])
     assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]), want.masks[0])
@@ -135,8 +157,11 @@ def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
     box = [30, 30, 150, 150]
 
     def call(i):
-        body = {"image": {"type": "base64", "value": b64(images[i])}, "format": "rle",
-                "prompts": [box_prompt(box)] if i % 2 == 0 else [{"points": [{"x": 80, "y": 70, "positive": True}]}]}
+        body = {
+            "image": {"type": "base64", "value": b64(images[i])},
+            "format": "rle",
+            "prompts": [box_prompt(box)] if i % 2 == 0 else [{"points": [{"x": 80, "y": 70, "positive": True}]}],
+        }
         r = post(server, "/sam2/segment_image", body)
         return r.status_code, r.json()
 
@@ -150,8 +175,9 @@ def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
         assert mask_iou(rle_to_mask(payload["predictions"][0]["masks"]), want) >= 0.99
     text = requests.get(f"{server}/metrics").text
     count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("sam2flow_embed_batch_size_count")))
-    ones = float(next(l.split()[-1] for l in text.splitlines()
-                      if l.startswith('sam2flow_embed_batch_size_bucket{le="1.0"}')))
+    ones = float(
+        next(l.split()[-1] for l in text.splitlines() if l.startswith('sam2flow_embed_batch_size_bucket{le="1.0"}'))
+    )
     assert count > ones, "no embedding batch held more than one image"
     assert "sam2flow_embedding_cache_hits_total" in text and 'sam2flow_model_load_seconds{version="hiera_tiny"}' in text
     assert 'sam2flow_requests_total{route="/sam2/segment_image",status="200"}' in text
@@ -167,43 +193,111 @@ HUGE = np.zeros((2100, 2100, 3), np.uint8)
         ("malformed json", "/sam2/segment_image", b"{not json", 422, "the request body is not valid JSON"),
         ("missing image", "/sam2/segment_image", {"prompts": [box_prompt(BOXES[0])]}, 400, "no image"),
         ("corrupt base64", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": "@@@"}}, 400, "base64"),
-        ("not an image", "/sam2/segment_image",
-         {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}}, 400,
-         "not a readable"),
-        ("1x1 image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(IMAGE[:1, :1])}},
-         400, "smaller than"),
-        ("oversized image", "/sam2/segment_image", {**GOOD, "image": {"type": "base64", "value": b64(HUGE)}}, 413,
-         "over the limit"),
-        ("nan box", "/sam2/segment_image",
-         {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]}, 422, "finite"),
-        ("inverted box", "/sam2/segment_image",
-         {**GOOD, "prompts": [{"box": {"x": 50, "y": 50, "width": -10, "height": 10}}]}, 400, "inverted"),
-        ("box outside", "/sam2/segment_image",
-         {**GOOD, "prompts": [{"box": {"x": 1000, "y": 1000, "width": 10, "height": 10}}]}, 400, "outside"),
-        ("non-numeric", "/sam2/segment_image", {**GOOD, "prompts": [{"box": {"x": "a", "y": 1, "width": 4, "height": 4}}]},
-         422, "prompts.0.box.x: Input should be a valid number"),
-        ("too many prompts", "/sam2/segment_image", {**GOOD, "prompts": [box_prompt(BOXES[0])] * 21}, 413,
-         "21 prompts is more than this server's limit of 20 per image"),
+        (
+            "not an image",
+            "/sam2/segment_image",
+            {**GOOD, "image": {"type": "base64", "value": base64.b64encode(b"hello world").decode()}},
+            400,
+            "not a readable",
+        ),
+        (
+            "1x1 image",
+            "/sam2/segment_image",
+            {**GOOD, "image": {"type": "base64", "value": b64(IMAGE[:1, :1])}},
+            400,
+            "smaller than",
+        ),
+        (
+            "oversized image",
+            "/sam2/segment_image",
+            {**GOOD, "image": {"type": "base64", "value": b64(HUGE)}},
+            413,
+            "over the limit",
+        ),
+        (
+            "nan box",
+            "/sam2/segment_image",
+            {**GOOD, "prompts": [{"box": {"x": "NaN", "y": 1, "width": 4, "height": 4}}]},
+            422,
+            "finite",
+        ),
+        (
+            "inverted box",
+            "/sam2/segment_image",
+            {**GOOD, "prompts": [{"box": {"x": 50, "y": 50, "width": -10, "height": 10}}]},
+            400,
+            "inverted",
+        ),
+        (
+            "box outside",
+            "/sam2/segment_image",
+            {**GOOD, "prompts": [{"box": {"x": 1000, "y": 1000, "width": 10, "height": 10}}]},
+            400,
+            "outside",
+        ),
+        (
+            "non-numeric",
+            "/sam2/segment_image",
+            {**GOOD, "prompts": [{"box": {"x": "a", "y": 1, "width": 4, "height": 4}}]},
+            422,
+            "prompts.0.box.x: Input should be a valid number",
+        ),
+        (
+            "too many prompts",
+            "/sam2/segment_image",
+            {**GOOD, "prompts": [box_prompt(BOXES[0])] * 21},
+            413,
+            "21 prompts is more than this server's limit of 20 per image",
+        ),
         ("unknown version", "/sam2/segment_image", {**GOOD, "sam2_version_id": "hiera_huge"}, 400, "hiera_huge"),
         ("unknown format", "/sam2/segment_image", {**GOOD, "format": "tiff"}, 422, "format"),
         # URL images are off on this server; test_server_hardening.py runs one with them on
-        ("file url", "/sam2/segment_image", {**GOOD, "image": {"type": "url", "value": "file:///etc/passwd"}}, 400,
-         "URL images are disabled"),
-        ("ftp url", "/sam2/embed_image", {"image": {"type": "url", "value": "ftp://x/y.png"}}, 400,
-         "URL images are disabled"),
-        ("negative hole area", "/sam2/segment_image", {**GOOD, "max_hole_area": -1}, 422,
-         "max_hole_area: Input should be greater than or equal to 0"),
-        ("bad selector", "/workflows/run", {"specification": {"inputs": [{"type": "WorkflowImage", "name": "image"}],
-         "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "s", "images": "$inputs.nope"}],
-         "outputs": [{"type": "JsonField", "name": "o", "selector": "$steps.s.predictions"}]},
-         "inputs": {"image": {"type": "base64", "value": b64(IMAGE)}}}, 400, "unknown input"),
+        (
+            "file url",
+            "/sam2/segment_image",
+            {**GOOD, "image": {"type": "url", "value": "file:///etc/passwd"}},
+            400,
+            "URL images are disabled",
+        ),
+        (
+            "ftp url",
+            "/sam2/embed_image",
+            {"image": {"type": "url", "value": "ftp://x/y.png"}},
+            400,
+            "URL images are disabled",
+        ),
+        (
+            "negative hole area",
+            "/sam2/segment_image",
+            {**GOOD, "max_hole_area": -1},
+            422,
+            "max_hole_area: Input should be greater than or equal to 0",
+        ),
+        (
+            "bad selector",
+            "/workflows/run",
+            {
+                "specification": {
+                    "inputs": [{"type": "WorkflowImage", "name": "image"}],
+                    "steps": [{"type": "roboflow_core/segment_anything@v1", "name": "s", "images": "$inputs.nope"}],
+                    "outputs": [{"type": "JsonField", "name": "o", "selector": "$steps.s.predictions"}],
+                },
+                "inputs": {"image": {"type": "base64", "value": b64(IMAGE)}},
+            },
+            400,
+            "unknown input",
+        ),
         ("body too large", "/sam2/segment_image", {**GOOD, "padding": "x" * (9 << 20)}, 413, "body"),
     ],
 )
 def test_bad_requests_get_clear_4xx_and_the_server_survives(server, name, route, body, status, message):
     if isinstance(body, bytes):
-        r = requests.post(f"{server}{route}", data=body, headers={"Authorization": f"Bearer {API_KEY}",
-                                                                  "Content-Type": "application/json"}, timeout=60)
+        r = requests.post(
+            f"{server}{route}",
+            data=body,
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+            timeout=60,
+        )
     else:
         r = post(server, route, body)
     assert r.status_code == status, (name, r.status_code, r.text[:300])
@@ -236,24 +330,37 @@ def test_mask_cleanup_options_reach_the_engine(server, tiny_engine):
     want = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES], max_hole_area=60, max_sprinkle_area=60)
     plain = tiny_engine.predict_prompts(emb, [Prompt(box=b) for b in BOXES])
     assert any(not np.array_equal(a, b) for a, b in zip(want.masks, plain.masks)), "nothing to clean: proves nothing"
-    body = {**GOOD, "format": "rle", "prompts": [box_prompt(b) for b in BOXES], "max_hole_area": 60,
-            "max_sprinkle_area": 60}
+    body = {
+        **GOOD,
+        "format": "rle",
+        "prompts": [box_prompt(b) for b in BOXES],
+        "max_hole_area": 60,
+        "max_sprinkle_area": 60,
+    }
     r = post(server, "/sam2/segment_image", body)
     assert r.status_code == 200, r.text[:300]
     for p, mask in zip(r.json()["predictions"], want.masks):
         assert np.array_equal(rle_to_mask(p["masks"]), mask)
     spec = {**BOXES_WORKFLOW, "steps": [{**BOXES_WORKFLOW["steps"][0], "max_hole_area": 60, "max_sprinkle_area": 60}]}
-    dets = {"image": {"width": 320, "height": 240},
-            "predictions": [{**box_prompt(b)["box"], "class": "a", "class_id": 0, "detection_id": f"b{i}"}
-                            for i, b in enumerate(BOXES)]}
+    dets = {
+        "image": {"width": 320, "height": 240},
+        "predictions": [
+            {**box_prompt(b)["box"], "class": "a", "class_id": 0, "detection_id": f"b{i}"} for i, b in enumerate(BOXES)
+        ],
+    }
     r = post(server, "/workflows/run", {"specification": spec, "inputs": {"image": GOOD["image"], "boxes": dets}})
     assert r.status_code == 200, r.text[:300]
     preds = r.json()["outputs"][0]["masks"]["predictions"]
     from sam2flow.formats import detections_to_predictions, predictions_to_detections
     from sam2flow.workflows.step import StepParameters, segment_images
 
-    local = segment_images(tiny_engine, [IMAGE], ["image"], [predictions_to_detections(dets, IMAGE.shape[:2])],
-                           StepParameters(max_hole_area=60, max_sprinkle_area=60))[0]
+    local = segment_images(
+        tiny_engine,
+        [IMAGE],
+        ["image"],
+        [predictions_to_detections(dets, IMAGE.shape[:2])],
+        StepParameters(max_hole_area=60, max_sprinkle_area=60),
+    )[0]
     expected = detections_to_predictions(local)
     assert len(preds) == len(expected) >= 1
     for got, exp in zip(preds, expected):

@@ -60,9 +60,21 @@ def post(url: str, route: str, body, key: str | None = SERVER_API_KEY, timeout: 
 
 def detections(n: int, hw=(120, 160)) -> dict:
     h, w = hw
-    return {"image": {"width": w, "height": h},
-            "predictions": [{"x": 40 + i % 60, "y": 40 + i % 30, "width": 30, "height": 30, "class": "thing",
-                             "class_id": 0, "detection_id": f"d{i}"} for i in range(n)]}
+    return {
+        "image": {"width": w, "height": h},
+        "predictions": [
+            {
+                "x": 40 + i % 60,
+                "y": 40 + i % 30,
+                "width": 30,
+                "height": 30,
+                "class": "thing",
+                "class_id": 0,
+                "detection_id": f"d{i}",
+            }
+            for i in range(n)
+        ],
+    }
 
 
 def workflow(image_input, boxes=None) -> dict:
@@ -95,16 +107,24 @@ def test_a_valid_workflow_request_is_served(server):
     assert_serves(server[0])
 
 
-@pytest.mark.parametrize("form", ["path", "file", "missing path", "missing file", "path in a list",
-                                  "nested batch", "bare base64", "other type"])
+@pytest.mark.parametrize(
+    "form",
+    ["path", "file", "missing path", "missing file", "path in a list", "nested batch", "bare base64", "other type"],
+)
 def test_workflow_images_are_only_wire_forms(server, server_png, form):
     """Server paths get the same 4xx as any unsupported input: nothing read, nothing revealed."""
     url, _ = server
     missing = str(server_png.parent / "missing.png")
-    image = {"path": str(server_png), "file": {"type": "file", "value": str(server_png)}, "missing path": missing,
-             "missing file": {"type": "file", "value": missing}, "path in a list": [GOOD_IMAGE, str(server_png)],
-             "nested batch": [[GOOD_IMAGE]], "bare base64": b64(png(IMAGE)),
-             "other type": {"type": "s3", "value": "bucket/key.png"}}[form]
+    image = {
+        "path": str(server_png),
+        "file": {"type": "file", "value": str(server_png)},
+        "missing path": missing,
+        "missing file": {"type": "file", "value": missing},
+        "path in a list": [GOOD_IMAGE, str(server_png)],
+        "nested batch": [[GOOD_IMAGE]],
+        "bare base64": b64(png(IMAGE)),
+        "other type": {"type": "s3", "value": "bucket/key.png"},
+    }[form]
     boxes = [detections(2), detections(2)] if isinstance(image, list) else None
     r = post(url, "/workflows/run", workflow(image, boxes))
     assert r.status_code == 400, r.text[:300]
@@ -140,11 +160,20 @@ def test_a_decompression_bomb_is_refused_from_its_header(server, where):
     _peak_rss_reset(proc.pid)
     before = _peak_rss_mib(proc.pid)
     if where == "segment_image":
-        r = post(url, "/sam2/segment_image", {"image": {"type": "base64", "value": b64(data)},
-                                              "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}]})
+        r = post(
+            url,
+            "/sam2/segment_image",
+            {
+                "image": {"type": "base64", "value": b64(data)},
+                "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}],
+            },
+        )
     else:
-        r = post(url, "/workflows/run", workflow(b64(data) if where == "workflow bare"
-                                                 else {"type": "base64", "value": b64(data)}))
+        r = post(
+            url,
+            "/workflows/run",
+            workflow(b64(data) if where == "workflow bare" else {"type": "base64", "value": b64(data)}),
+        )
     grown = _peak_rss_mib(proc.pid) - before
     if where == "workflow bare":
         assert r.status_code == 400 and r.json()["error"].endswith(WIRE_MESSAGE), r.text[:300]
@@ -172,10 +201,14 @@ def test_workflow_prompts_per_request_are_limited(server):
     r = post(url, "/workflows/run", body)
     assert r.status_code == 413, r.text[:300]
     error = r.json()["error"]
-    assert f"{n * per_image} prompts in one request is more than this server's limit of " \
-           f"{SERVER_MAX_REQUEST_PROMPTS}" in error, error
+    assert (
+        f"{n * per_image} prompts in one request is more than this server's limit of "
+        f"{SERVER_MAX_REQUEST_PROMPTS}" in error
+    ), error
     # refused before any model work: no image was embedded
-    count = [l for l in requests.get(f"{url}/metrics").text.splitlines() if l.startswith("sam2flow_embed_batch_size_count")]
+    count = [
+        l for l in requests.get(f"{url}/metrics").text.splitlines() if l.startswith("sam2flow_embed_batch_size_count")
+    ]
     assert count == [l for l in metrics_before.splitlines() if l.startswith("sam2flow_embed_batch_size_count")]
     assert_serves(url)
 
@@ -198,8 +231,14 @@ def test_every_model_route_needs_the_key(server, route, key):
 def test_url_images_are_refused_when_disabled(server):
     url, _ = server
     for value in ("http://example.com/a.png", "file:///etc/passwd", "ftp://example.com/a.png"):
-        r = post(url, "/sam2/segment_image", {"image": {"type": "url", "value": value},
-                                              "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}]})
+        r = post(
+            url,
+            "/sam2/segment_image",
+            {
+                "image": {"type": "url", "value": value},
+                "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}],
+            },
+        )
         assert r.status_code == 400 and "URL images are disabled" in r.json()["error"]
 
 
@@ -231,8 +270,10 @@ class _ImageHost(BaseHTTPRequestHandler):
             self._send(b"<html>not an image</html>")
         elif route.startswith("/to-"):
             self.send_response(302)
-            self.send_header("Location", {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/x.png",
-                                          "/to-ok": "/ok.png"}[route])
+            self.send_header(
+                "Location",
+                {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/x.png", "/to-ok": "/ok.png"}[route],
+            )
             self.end_headers()
         else:
             self.send_response(404)
@@ -259,26 +300,41 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def url_server(tiny_checkpoint, tmp_path_factory):
-    env = {"SAM2FLOW_ALLOW_URL_IMAGES": "true", "SAM2FLOW_URL_HOSTS": "127.0.0.1",
-           "SAM2FLOW_URL_MAX_BYTES": str(URL_MAX_BYTES), "SAM2FLOW_URL_TIMEOUT_S": str(URL_TIMEOUT_S)}
+    env = {
+        "SAM2FLOW_ALLOW_URL_IMAGES": "true",
+        "SAM2FLOW_URL_HOSTS": "127.0.0.1",
+        "SAM2FLOW_URL_MAX_BYTES": str(URL_MAX_BYTES),
+        "SAM2FLOW_URL_TIMEOUT_S": str(URL_TIMEOUT_S),
+    }
     url, proc = start_server(tiny_checkpoint, tmp_path_factory.mktemp("url-server") / "server.log", env)
     yield url
     stop_server(proc)
 
 
 def _segment_url(server: str, image_url: str):
-    return post(server, "/sam2/segment_image", {"image": {"type": "url", "value": image_url}, "format": "rle",
-                                                "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}]})
+    return post(
+        server,
+        "/sam2/segment_image",
+        {
+            "image": {"type": "url", "value": image_url},
+            "format": "rle",
+            "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}],
+        },
+    )
 
 
 def test_enabled_url_images_are_fetched_and_equal_the_same_image_sent_inline(url_server, image_host):
-    inline = post(url_server, "/sam2/segment_image", {"image": GOOD_IMAGE, "format": "rle",
-                                                      "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}]})
+    inline = post(
+        url_server,
+        "/sam2/segment_image",
+        {"image": GOOD_IMAGE, "format": "rle", "prompts": [{"box": {"x": 60, "y": 60, "width": 40, "height": 40}}]},
+    )
     for route in ("/ok.png", "/to-ok"):
         r = _segment_url(url_server, f"http://127.0.0.1:{image_host}{route}")
         assert r.status_code == 200, r.text[:300]
-        assert np.array_equal(rle_to_mask(r.json()["predictions"][0]["masks"]),
-                              rle_to_mask(inline.json()["predictions"][0]["masks"]))
+        assert np.array_equal(
+            rle_to_mask(r.json()["predictions"][0]["masks"]), rle_to_mask(inline.json()["predictions"][0]["masks"])
+        )
     wf = post(url_server, "/workflows/run", workflow({"type": "url", "value": f"http://127.0.0.1:{image_host}/ok.png"}))
     assert wf.status_code == 200, wf.text[:300]
 
@@ -303,11 +359,14 @@ def test_enabled_url_images_keep_their_limits(url_server, image_host, route, sta
     assert_serves(url_server)
 
 
-@pytest.mark.parametrize("image_url, message", [
-    ("file:///etc/passwd", "only http(s) URLs are allowed"),
-    ("ftp://127.0.0.1/x.png", "only http(s) URLs are allowed"),
-    ("http://localhost:{port}/ok.png", "local or private address"),  # only 127.0.0.1 is allowed by name
-])
+@pytest.mark.parametrize(
+    "image_url, message",
+    [
+        ("file:///etc/passwd", "only http(s) URLs are allowed"),
+        ("ftp://127.0.0.1/x.png", "only http(s) URLs are allowed"),
+        ("http://localhost:{port}/ok.png", "local or private address"),  # only 127.0.0.1 is allowed by name
+    ],
+)
 def test_enabled_url_images_reach_no_other_scheme_or_host(url_server, image_host, image_url, message):
     r = _segment_url(url_server, image_url.format(port=image_host))
     assert r.status_code == 400 and message in r.json()["error"], r.text[:300]

@@ -50,8 +50,11 @@ def honours(cls, protocol) -> list[str]:
             q = got[i] if i < len(got) else None
             if q is None or q.name != p.name or q.kind != p.kind or q.default != p.default:
                 problems.append(f"{cls.__name__}.{name}: parameter {i} is {q}, the protocol's is {p}")
-        problems += [f"{cls.__name__}.{name}: extra parameter {q} has no default"
-                     for q in got[len(want):] if q.default is inspect.Parameter.empty]
+        problems += [
+            f"{cls.__name__}.{name}: extra parameter {q} has no default"
+            for q in got[len(want) :]
+            if q.default is inspect.Parameter.empty
+        ]
     return problems
 
 
@@ -89,8 +92,11 @@ def test_the_check_itself_catches_a_drifted_engine():
 
 def test_results_are_scored_masks():
     masks, scores = np.zeros((1, 4, 5), bool), np.ones(1, np.float32)
-    for result in (Prediction(masks, scores, np.zeros((1, 256, 256), np.float32)), RemoteMasks(masks, scores),
-                   AutomaticResult.empty((4, 5))):
+    for result in (
+        Prediction(masks, scores, np.zeros((1, 256, 256), np.float32)),
+        RemoteMasks(masks, scores),
+        AutomaticResult.empty((4, 5)),
+    ):
         assert isinstance(result, ScoredMasks)
 
 

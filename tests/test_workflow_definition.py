@@ -39,7 +39,12 @@ def test_documented_step_json_is_accepted_with_images_or_image():
     d = parse_definition(definition())
     step = d.steps[0]
     assert (step.images, step.boxes, step.version, step.threshold, step.multimask_output) == (
-        "$inputs.image", "$inputs.detections", "hiera_large", 0.3, True)
+        "$inputs.image",
+        "$inputs.detections",
+        "hiera_large",
+        0.3,
+        True,
+    )
     alias = definition()
     alias["steps"][0]["image"] = alias["steps"][0].pop("images")
     assert parse_definition(alias).steps[0].images == "$inputs.image"

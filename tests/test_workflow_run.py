@@ -18,9 +18,15 @@ from sam2flow.formats import mask_to_polygons, polygons_to_mask, predictions_to_
 
 from conftest import random_image
 
-STEP = {"name": "sam", "type": "roboflow_core/segment_anything@v1", "images": "$inputs.image",
-        "boxes": "$inputs.detections", "version": "hiera_tiny", "threshold": "$inputs.threshold",
-        "multimask_output": "$inputs.multimask"}
+STEP = {
+    "name": "sam",
+    "type": "roboflow_core/segment_anything@v1",
+    "images": "$inputs.image",
+    "boxes": "$inputs.detections",
+    "version": "hiera_tiny",
+    "threshold": "$inputs.threshold",
+    "multimask_output": "$inputs.multimask",
+}
 DEFINITION = {
     "version": "1.0",
     "inputs": [
@@ -34,19 +40,59 @@ DEFINITION = {
 }
 IMAGES = [random_image(240, 320, seed=31), random_image(333, 517, seed=32)]
 DETECTIONS = [
-    {"image": {"width": 320, "height": 240}, "predictions": [
-        {"x": 80, "y": 60, "width": 120, "height": 100, "class": "cat", "class_id": 4, "detection_id": "c1",
-         "confidence": 0.9},
-        {"x": 250, "y": 170, "width": 100, "height": 120, "class": "dog", "class_id": 2, "detection_id": "d1",
-         "confidence": 0.7},
-    ]},
-    {"image": {"width": 517, "height": 333}, "predictions": [
-        {"x": 300, "y": 150, "width": 300, "height": 200, "class": "car", "class_id": 9, "detection_id": "k1",
-         "confidence": 0.8},
-    ]},
+    {
+        "image": {"width": 320, "height": 240},
+        "predictions": [
+            {
+                "x": 80,
+                "y": 60,
+                "width": 120,
+                "height": 100,
+                "class": "cat",
+                "class_id": 4,
+                "detection_id": "c1",
+                "confidence": 0.9,
+            },
+            {
+                "x": 250,
+                "y": 170,
+                "width": 100,
+                "height": 120,
+                "class": "dog",
+                "class_id": 2,
+                "detection_id": "d1",
+                "confidence": 0.7,
+            },
+        ],
+    },
+    {
+        "image": {"width": 517, "height": 333},
+        "predictions": [
+            {
+                "x": 300,
+                "y": 150,
+                "width": 300,
+                "height": 200,
+                "class": "car",
+                "class_id": 9,
+                "detection_id": "k1",
+                "confidence": 0.8,
+            },
+        ],
+    },
 ]
-METADATA = ("class_name", "detection_id", "parent_id", "image_dimensions", "prediction_type", "parent_coordinates",
-            "parent_dimensions", "root_parent_id", "root_parent_coordinates", "root_parent_dimensions")
+METADATA = (
+    "class_name",
+    "detection_id",
+    "parent_id",
+    "image_dimensions",
+    "prediction_type",
+    "parent_coordinates",
+    "parent_dimensions",
+    "root_parent_id",
+    "root_parent_coordinates",
+    "root_parent_dimensions",
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +142,9 @@ def test_one_image_batch_is_embedded_in_one_call(pool, tiny_engine, monkeypatch)
 def test_threshold_drops_exactly_the_masks_below_it(pool, tiny_engine):
     want = expected(tiny_engine, IMAGES[0], DETECTIONS[0])
     cut = float(want.scores.mean())
-    out = run_workflow(DEFINITION, {"image": IMAGES[0], "detections": DETECTIONS[0], "threshold": cut},
-                       pool)[0]["predictions"]
+    out = run_workflow(DEFINITION, {"image": IMAGES[0], "detections": DETECTIONS[0], "threshold": cut}, pool)[0][
+        "predictions"
+    ]
     kept = [p["class"] for p, s in zip(DETECTIONS[0]["predictions"], want.scores) if s >= cut]
     assert 0 < len(kept) < 2 and list(out.data["class_name"]) == kept
 
@@ -115,15 +162,29 @@ def test_image_without_detections_gives_empty_detections(pool):
 def test_keypoints_become_clicks_when_asked(pool, tiny_engine):
     definition = json.loads(json.dumps(DEFINITION))
     definition["steps"][0]["use_keypoints_as_points"] = True
-    dets = {"predictions": [{"x": 80, "y": 60, "width": 120, "height": 100, "class": "person", "class_id": 0,
-                             "detection_id": "p1", "keypoints": [
-                                 {"x": 70, "y": 50, "confidence": 0.9, "class": "nose"},
-                                 {"x": 100, "y": 90, "confidence": 0.2, "class": "ear"},
-                                 {"x": 60, "y": 80, "confidence": 0.8, "class": "hand"}]}]}
+    dets = {
+        "predictions": [
+            {
+                "x": 80,
+                "y": 60,
+                "width": 120,
+                "height": 100,
+                "class": "person",
+                "class_id": 0,
+                "detection_id": "p1",
+                "keypoints": [
+                    {"x": 70, "y": 50, "confidence": 0.9, "class": "nose"},
+                    {"x": 100, "y": 90, "confidence": 0.2, "class": "ear"},
+                    {"x": 60, "y": 80, "confidence": 0.8, "class": "hand"},
+                ],
+            }
+        ]
+    }
     out = run_workflow(definition, {"image": IMAGES[0], "detections": dets}, pool)[0]["predictions"]
     emb = tiny_engine.embed([IMAGES[0]])[0]
-    want = tiny_engine.predict_prompts(emb, [Prompt(box=[20, 10, 140, 110], points=[[70, 50], [60, 80]],
-                                                    labels=[1, 1])])
+    want = tiny_engine.predict_prompts(
+        emb, [Prompt(box=[20, 10, 140, 110], points=[[70, 50], [60, 80]], labels=[1, 1])]
+    )
     plain = tiny_engine.predict_prompts(emb, [Prompt(box=[20, 10, 140, 110])])
     assert np.array_equal(out.mask, want.masks)
     assert not np.array_equal(want.masks, plain.masks)  # the clicks really changed the prompt
@@ -168,10 +229,17 @@ def png_base64(image):
 def test_image_forms_give_the_same_result(pool, tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(IMAGES[0]).save(path)
-    forms = [IMAGES[0], str(path), png_base64(IMAGES[0]), {"type": "base64", "value": png_base64(IMAGES[0])},
-             {"type": "numpy", "value": IMAGES[0].tolist()}, {"type": "file", "value": str(path)}]
-    masks = [run_workflow(DEFINITION, {"image": f, "detections": DETECTIONS[0]}, pool)[0]["predictions"].mask
-             for f in forms]
+    forms = [
+        IMAGES[0],
+        str(path),
+        png_base64(IMAGES[0]),
+        {"type": "base64", "value": png_base64(IMAGES[0])},
+        {"type": "numpy", "value": IMAGES[0].tolist()},
+        {"type": "file", "value": str(path)},
+    ]
+    masks = [
+        run_workflow(DEFINITION, {"image": f, "detections": DETECTIONS[0]}, pool)[0]["predictions"].mask for f in forms
+    ]
     for m in masks[1:]:
         assert np.array_equal(m, masks[0])
 
@@ -204,20 +272,46 @@ def test_cli_runs_a_two_image_workflow(tiny_checkpoint, tmp_path):
         (tmp_path / f"d{i}.json").write_text(json.dumps(d))
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"),
-         "--input", f"image={paths[0]}", "--input", f"image={paths[1]}",
-         "--input", f"detections=@{tmp_path / 'd0.json'}", "--input", f"detections=@{tmp_path / 'd1.json'}",
-         "--input", "threshold=0.0", "--checkpoint", str(tiny_checkpoint), "--dtype", "float32", "--format", "rle",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sam2flow",
+            "run-workflow",
+            str(tmp_path / "wf.json"),
+            "--input",
+            f"image={paths[0]}",
+            "--input",
+            f"image={paths[1]}",
+            "--input",
+            f"detections=@{tmp_path / 'd0.json'}",
+            "--input",
+            f"detections=@{tmp_path / 'd1.json'}",
+            "--input",
+            "threshold=0.0",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--dtype",
+            "float32",
+            "--format",
+            "rle",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.read_text())
     assert len(payload) == 2
     assert [p["class"] for p in payload[0]["predictions"]["predictions"]] == ["cat", "dog"]
     assert [p["parent_id"] for p in payload[1]["predictions"]["predictions"]] == ["k1"]
-    bad = subprocess.run([sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"),
-                          "--input", f"image={paths[0]}"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "run-workflow", str(tmp_path / "wf.json"), "--input", f"image={paths[0]}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "detections" in bad.stderr
 
 

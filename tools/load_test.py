@@ -63,8 +63,11 @@ def run(url: str, clients: int, seconds: float, boxes: int, api_key: str | None,
                 n = next(counter, None)
             if n is None:
                 return
-            body = {"image": {"type": "base64", "value": synthetic_png(1000 * k + n)}, "prompts": prompts,
-                    "format": "rle"}
+            body = {
+                "image": {"type": "base64", "value": synthetic_png(1000 * k + n)},
+                "prompts": prompts,
+                "format": "rle",
+            }
             start = time.perf_counter()
             try:
                 r = session.post(f"{url}/sam2/segment_image", json=body, headers=headers, timeout=120)
@@ -83,12 +86,18 @@ def run(url: str, clients: int, seconds: float, boxes: int, api_key: str | None,
         t.join()
     elapsed = time.monotonic() - began
     return {
-        "clients": clients, "seconds": round(elapsed, 2), "requests": len(latencies), "errors": len(errors),
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "requests": len(latencies),
+        "errors": len(errors),
         "requests_per_s": round(len(latencies) / elapsed, 3),
         "masks_per_s": round(len(latencies) * boxes / elapsed, 3),
-        "latency_s": {"p50": round(percentile(latencies, 0.5), 3), "p90": round(percentile(latencies, 0.9), 3),
-                      "p99": round(percentile(latencies, 0.99), 3),
-                      "mean": round(statistics.fmean(latencies), 3) if latencies else None},
+        "latency_s": {
+            "p50": round(percentile(latencies, 0.5), 3),
+            "p90": round(percentile(latencies, 0.9), 3),
+            "p99": round(percentile(latencies, 0.99), 3),
+            "mean": round(statistics.fmean(latencies), 3) if latencies else None,
+        },
         "first_errors": errors[:3],
     }
 
@@ -98,13 +107,23 @@ def _point(rng: np.random.Generator, h: int = 480, w: int = 640) -> list[float]:
 
 
 def _summary(latencies: list[float]) -> dict:
-    return {"count": len(latencies), **{f"p{q}_ms": round(1000 * percentile(latencies, q / 100), 1)
-                                        for q in (50, 90, 99)},
-            "max_ms": round(1000 * max(latencies), 1) if latencies else None}
+    return {
+        "count": len(latencies),
+        **{f"p{q}_ms": round(1000 * percentile(latencies, q / 100), 1) for q in (50, 90, 99)},
+        "max_ms": round(1000 * max(latencies), 1) if latencies else None,
+    }
 
 
-def run_mixed(url: str, click_rate: float, image_every: float, seconds: float, images: int, route: str,
-              api_key: str | None, version: str = "hiera_tiny") -> dict:
+def run_mixed(
+    url: str,
+    click_rate: float,
+    image_every: float,
+    seconds: float,
+    images: int,
+    route: str,
+    api_key: str | None,
+    version: str = "hiera_tiny",
+) -> dict:
     """Open-loop clicks and embeds for ``seconds``; latencies from each request's scheduled time."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -142,9 +161,14 @@ def run_mixed(url: str, click_rate: float, image_every: float, seconds: float, i
         if route == "page":
             return "/page/decode", {"image_id": image_id, "points": points, "sam2_version_id": version}
         prompt = {"points": [{"x": x, "y": y, "positive": bool(lab)} for x, y, lab in points]}
-        return "/sam2/segment_image", {"image_id": image_id, "prompts": [prompt], "format": "rle",
-                                       "sam2_version_id": version, "load_logits_from_cache": k > 0,
-                                       "save_logits_to_cache": True}
+        return "/sam2/segment_image", {
+            "image_id": image_id,
+            "prompts": [prompt],
+            "format": "rle",
+            "sam2_version_id": version,
+            "load_logits_from_cache": k > 0,
+            "save_logits_to_cache": True,
+        }
 
     events = [(i / click_rate, "click", i) for i in range(int(seconds * click_rate))]
     events += [(image_every * (j + 0.5), "image", j) for j in range(int(seconds / image_every))]
@@ -158,12 +182,22 @@ def run_mixed(url: str, click_rate: float, image_every: float, seconds: float, i
                 path, body = click_body(n)
                 pool.submit(post, path, body, scheduled, clicks)
             else:
-                body = {"image": {"type": "base64", "value": synthetic_png(int(rng.integers(1 << 30)))},
-                        "sam2_version_id": version}
+                body = {
+                    "image": {"type": "base64", "value": synthetic_png(int(rng.integers(1 << 30)))},
+                    "sam2_version_id": version,
+                }
                 pool.submit(post, "/sam2/embed_image", body, scheduled, embeds)
-    return {"mode": "mixed", "route": route, "click_rate": click_rate, "image_every_s": image_every,
-            "seconds": round(time.monotonic() - began, 2), "clicks": _summary(clicks), "embeds": _summary(embeds),
-            "errors": len(errors), "first_errors": errors[:3]}
+    return {
+        "mode": "mixed",
+        "route": route,
+        "click_rate": click_rate,
+        "image_every_s": image_every,
+        "seconds": round(time.monotonic() - began, 2),
+        "clicks": _summary(clicks),
+        "embeds": _summary(embeds),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
 
 
 def main() -> int:
@@ -178,8 +212,12 @@ def main() -> int:
     p.add_argument("--click-rate", type=float, default=4.0, help="--mixed: clicks per second, in all")
     p.add_argument("--image-every", type=float, default=4.0, help="--mixed: seconds between new images")
     p.add_argument("--images", type=int, default=4, help="--mixed: images embedded beforehand for the clicks")
-    p.add_argument("--click-route", choices=["page", "segment"], default="page",
-                   help="--mixed: /page/decode or /sam2/segment_image with image_id")
+    p.add_argument(
+        "--click-route",
+        choices=["page", "segment"],
+        default="page",
+        help="--mixed: /page/decode or /sam2/segment_image with image_id",
+    )
     p.add_argument("--version", default="hiera_tiny")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server (yours, on purpose)")
     args = p.parse_args()
@@ -189,11 +227,26 @@ def main() -> int:
         return 2
     if args.mixed:
         if args.click_rate <= 0 or args.image_every <= 0 or args.images < 1 or args.seconds > 3600:
-            print("load_test: --click-rate and --image-every must be > 0, --images >= 1, --seconds <= 3600",
-                  file=sys.stderr)
+            print(
+                "load_test: --click-rate and --image-every must be > 0, --images >= 1, --seconds <= 3600",
+                file=sys.stderr,
+            )
             return 2
-        print(json.dumps(run_mixed(args.url, args.click_rate, args.image_every, args.seconds, args.images,
-                                   args.click_route, args.api_key, args.version), indent=2))
+        print(
+            json.dumps(
+                run_mixed(
+                    args.url,
+                    args.click_rate,
+                    args.image_every,
+                    args.seconds,
+                    args.images,
+                    args.click_route,
+                    args.api_key,
+                    args.version,
+                ),
+                indent=2,
+            )
+        )
         return 0
     print(json.dumps(run(args.url, args.clients, args.seconds, args.boxes, args.api_key, args.max_requests), indent=2))
     return 0

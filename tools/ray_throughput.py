@@ -44,17 +44,30 @@ def measure_ray(args, replicas: int) -> dict:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServerSettings(preload=[args.version], checkpoint=args.checkpoint, device="cpu", dtype=args.dtype,
-                                  max_batch_size=args.max_batch_size)
-        serve.run(build_app(settings, replicas=replicas, num_gpus_per_replica=0,
-                            num_cpus_per_replica=args.cpus_per_replica),
-                  name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+        settings = ServerSettings(
+            preload=[args.version],
+            checkpoint=args.checkpoint,
+            device="cpu",
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+        )
+        serve.run(
+            build_app(settings, replicas=replicas, num_gpus_per_replica=0, num_cpus_per_replica=args.cpus_per_replica),
+            name=APP_NAME,
+            route_prefix="/",
+            logging_config={"enable_access_log": False},
+        )
         wait_ready(url)
         load_test.run(url, replicas, 0.1, args.boxes, None, replicas)  # one warm-up request per replica
         load = round(os.getloadavg()[0], 2)
         result = load_test.run(url, args.clients, args.seconds, args.boxes, None, args.max_requests)
-        return {"server": "ray-serve", "replicas": replicas, "cpus_per_replica": args.cpus_per_replica,
-                "load_before": load, **result}
+        return {
+            "server": "ray-serve",
+            "replicas": replicas,
+            "cpus_per_replica": args.cpus_per_replica,
+            "load_before": load,
+            **result,
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -63,10 +76,28 @@ def measure_ray(args, replicas: int) -> dict:
 def measure_plain(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", args.version,
-                             "--checkpoint", args.checkpoint, "--device", "cpu", "--dtype", args.dtype,
-                             "--max-batch-size", str(args.max_batch_size)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sam2flow",
+            "serve",
+            "--port",
+            str(port),
+            "--preload",
+            args.version,
+            "--checkpoint",
+            args.checkpoint,
+            "--device",
+            "cpu",
+            "--dtype",
+            args.dtype,
+            "--max-batch-size",
+            str(args.max_batch_size),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         from sam2flow.scale.ray_serve import wait_ready
 

@@ -130,8 +130,14 @@ class FeatureCache:
             "s1": emb.high_res_feats[1].half().contiguous(),
             "masks": torch.from_numpy(packed),
         }
-        meta = {"format": FEATURE_FORMAT, "encoder_seed": str(self.encoder_seed), "scene_seed": str(seed),
-                "height": str(self.size[0]), "width": str(self.size[1]), "num_masks": str(len(masks))}
+        meta = {
+            "format": FEATURE_FORMAT,
+            "encoder_seed": str(self.encoder_seed),
+            "scene_seed": str(seed),
+            "height": str(self.size[0]),
+            "width": str(self.size[1]),
+            "num_masks": str(len(masks)),
+        }
         tmp = self.path(seed).with_suffix(f".{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.path(seed))
@@ -343,8 +349,19 @@ def run_dir(args) -> Path:
 
 
 def _config(args) -> dict:
-    keys = ("scenes", "steps", "scenes_per_step", "lr", "weight_decay", "pct_start", "train_seed", "encoder_seed",
-            "full_res_loss", "iou_loss_weight", "mean_candidate_weight")
+    keys = (
+        "scenes",
+        "steps",
+        "scenes_per_step",
+        "lr",
+        "weight_decay",
+        "pct_start",
+        "train_seed",
+        "encoder_seed",
+        "full_res_loss",
+        "iou_loss_weight",
+        "mean_candidate_weight",
+    )
     config = {**{k: getattr(args, k) for k in keys}, "size": list(args.size), "prompt_mix": args.prompt_mix}
     if args.init_from:  # absent otherwise, so older runs' checkpoints still match
         config["init_from"] = str(Path(args.init_from).resolve())
@@ -390,8 +407,15 @@ def train_step(decoder, batch, kind, multimask, rng, hw, args):
             masks = masks[rng.choice(len(masks), 6, replace=False)]
         c, l = make_prompts(rng, kind, masks, hw)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            lo, io, ob = decoder(feats["embed"][None], feats["s0"][None], feats["s1"][None],
-                                 torch.from_numpy(c), torch.from_numpy(l), hw, multimask)
+            lo, io, ob = decoder(
+                feats["embed"][None],
+                feats["s0"][None],
+                feats["s1"][None],
+                torch.from_numpy(c),
+                torch.from_numpy(l),
+                hw,
+                multimask,
+            )
         lo, target = loss_inputs(lo.float(), masks, args.full_res_loss)
         logits.append(lo)
         iou_pred.append(io.float())
@@ -410,8 +434,12 @@ def train_step(decoder, batch, kind, multimask, rng, hw, args):
     obj_loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj))
     loss = mask_loss + args.iou_loss_weight * iou_loss + 0.05 * obj_loss
     rows = torch.arange(len(best))
-    return loss, {"mask": mask_loss.item(), "iou_mse": iou_loss.item(), "iou": real_iou[rows, best].mean().item(),
-                  "rows": len(best)}
+    return loss, {
+        "mask": mask_loss.item(),
+        "iou_mse": iou_loss.item(),
+        "iou": real_iou[rows, best].mean().item(),
+        "rows": len(best),
+    }
 
 
 @torch.no_grad()
@@ -433,8 +461,11 @@ def quick_val(decoder, cache: FeatureCache, seeds: list[int], hw) -> dict:
         corners = torch.from_numpy(np.stack([boxes[:, :2], boxes[:, 2:] + 1], 1))
         for kind, c, l in (
             ("box", corners, torch.tensor([[2, 3]]).expand(n, 2)),
-            ("click", torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])),
-             torch.ones(n, 1, dtype=torch.int64)),
+            (
+                "click",
+                torch.from_numpy(np.stack([_sample_pixels(rng, m, 1) for m in masks])),
+                torch.ones(n, 1, dtype=torch.int64),
+            ),
         ):
             logits, iou, _ = decoder(f["embed"][None], f["s0"][None], f["s1"][None], c, l, hw, True)
             up = F.interpolate(logits, hw, mode="bilinear", align_corners=False) > 0
@@ -461,8 +492,10 @@ def train(args) -> None:
         saved = json.loads(ck["config"])
         if saved != _config(args):
             diff = {k: (saved.get(k), v) for k, v in _config(args).items() if saved.get(k) != v}
-            raise SystemExit(f"{last} was trained with other settings {diff} (saved, now): pass the same "
-                             f"options, another --run, or --restart")
+            raise SystemExit(
+                f"{last} was trained with other settings {diff} (saved, now): pass the same "
+                f"options, another --run, or --restart"
+            )
     featurize(cache, eval_seeds, args.encoder_seed, "held-out")
     featurize(cache, train_seeds, args.encoder_seed, "training")
     if args.featurize_only:
@@ -490,8 +523,10 @@ def train(args) -> None:
         log(f"starting from {args.init_from} (a new schedule): {args.scenes} scenes, {args.steps} steps planned")
     else:
         log(f"training from scratch: {args.scenes} scenes, {args.steps} steps planned, run dir {rdir}")
-    log(f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} "
-        f"(CPU has native bf16: {native_bf16(torch.device('cpu'))})")
+    log(
+        f"config {json.dumps(_config(args))}; threads {torch.get_num_threads()}; bf16 autocast {args.bf16} "
+        f"(CPU has native bf16: {native_bf16(torch.device('cpu'))})"
+    )
 
     stop_at = args.steps if args.max_steps is None else min(args.steps, step + args.max_steps)
     kinds, probs = list(args.prompt_mix), np.array(list(args.prompt_mix.values()))
@@ -516,8 +551,10 @@ def train(args) -> None:
         if step % args.log_every == 0 or step == stop_at:
             rate = (time.time() - t0) / steps_timed
             means = " ".join(f"{k} {np.mean(v):.4f}" for k, v in acc.items() if k != "rows")
-            log(f"step {step}/{args.steps} lr {sched.get_last_lr()[0]:.2e} {means} rows/step "
-                f"{np.mean(acc['rows']):.1f} | {rate:.2f} s/step, ~{rate * (args.steps - step) / 3600:.1f} h left")
+            log(
+                f"step {step}/{args.steps} lr {sched.get_last_lr()[0]:.2e} {means} rows/step "
+                f"{np.mean(acc['rows']):.1f} | {rate:.2f} s/step, ~{rate * (args.steps - step) / 3600:.1f} h left"
+            )
             acc = {}
         if args.val_every and (step % args.val_every == 0 or step == args.steps):
             v = quick_val(decoder, cache, eval_seeds, hw)
@@ -612,9 +649,11 @@ def evaluate(args) -> dict:
     print(f"  box-prompt mean IoU (best of 3 by predicted IoU)  {res['box_miou']:.4f}   (target >= 0.85)")
     print(f"  one positive click, best-of-three IoU           {res['click_best_of_3']:.4f}   (target >= 0.60)")
     print(f"  one positive click, mask picked by predicted IoU {res['click_by_predicted_iou']:.4f}")
-    print(f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   "
-          "(target >= 0.70; "
-          f"{args.auto_points_per_side}² grid)")
+    print(
+        f"  unprompted mode, objects found at IoU >= 0.7     {res['unprompted_recall_at_0.7']:.4f}   "
+        "(target >= 0.70; "
+        f"{args.auto_points_per_side}² grid)"
+    )
     print(f"  all targets met: {ok}")
     return res
 
@@ -626,8 +665,11 @@ def export(args) -> None:
 
     trained, info = _trained_from(args)
     out = Path(args.out) if args.out else fixture.WEIGHTS_FILE
-    meta = {"version": fixture.FIXTURE_VERSION, "encoder_seed": str(args.encoder_seed),
-            "training": json.dumps({**info, "tool": "tools/train_fixture.py"})}
+    meta = {
+        "version": fixture.FIXTURE_VERSION,
+        "encoder_seed": str(args.encoder_seed),
+        "training": json.dumps({**info, "tool": "tools/train_fixture.py"}),
+    }
     save_file({k: v.half().contiguous() for k, v in trained.items()}, str(out), metadata=meta)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
@@ -645,9 +687,11 @@ def readout_check(args) -> None:
     n_fit, n_test = 8, 4
     scenes = [make_scene(EVAL_SEED_BASE * 2 + i, tuple(args.size)) for i in range(n_fit + n_test)]
     embs = [engine.embed([s.image], use_cache=False)[0] for s in scenes]
-    for name, get in (("stride 4 (conv_s0, 32 ch)", lambda e: e.high_res_feats[0]),
-                      ("stride 8 (conv_s1, 64 ch)", lambda e: e.high_res_feats[1]),
-                      ("stride 16 (image embedding, 256 ch)", lambda e: e.image_embed)):
+    for name, get in (
+        ("stride 4 (conv_s0, 32 ch)", lambda e: e.high_res_feats[0]),
+        ("stride 8 (conv_s1, 64 ch)", lambda e: e.high_res_feats[1]),
+        ("stride 16 (image embedding, 256 ch)", lambda e: e.image_embed),
+    ):
         xs, ys = [], []
         for s, e in zip(scenes, embs):
             f = get(e)
@@ -684,33 +728,56 @@ def main(argv=None) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--pct-start", type=float, default=0.1, help="share of the steps spent warming up")
     p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--prompt-mix", type=parse_prompt_mix, default=PROMPT_KINDS, metavar="KIND=W,...",
-                   help="prompt kinds' weights per step "
-                        f"(default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})")
-    p.add_argument("--full-res-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="loss on logits upsampled to the image size against binary masks (default) "
-                        "instead of 256 x 256 against area-downsampled ones")
+    p.add_argument(
+        "--prompt-mix",
+        type=parse_prompt_mix,
+        default=PROMPT_KINDS,
+        metavar="KIND=W,...",
+        help=f"prompt kinds' weights per step (default {','.join(f'{k}={v}' for k, v in PROMPT_KINDS.items())})",
+    )
+    p.add_argument(
+        "--full-res-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="loss on logits upsampled to the image size against binary masks (default) "
+        "instead of 256 x 256 against area-downsampled ones",
+    )
     p.add_argument("--iou-loss-weight", type=float, default=1.0, help="weight of the IoU head's MSE")
-    p.add_argument("--mean-candidate-weight", type=float, default=0.0,
-                   help="multimask steps' mask loss: (1 - w) x best candidate's + w x mean of all three")
+    p.add_argument(
+        "--mean-candidate-weight",
+        type=float,
+        default=0.0,
+        help="multimask steps' mask loss: (1 - w) x best candidate's + w x mean of all three",
+    )
     p.add_argument("--encoder-seed", type=int, default=FIXTURE_SEED)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bfloat16 autocast of the decoder's forward (off: on 2 AMX cores it saved <10 %% per step)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bfloat16 autocast of the decoder's forward (off: on 2 AMX cores it saved <10 %% per step)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--val-every", type=int, default=500, help="quick held-out validation (0: never)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint of this run")
-    p.add_argument("--init-from", metavar="WEIGHTS.safetensors",
-                   help="start a new run from exported weights (e.g. the committed fixture) instead of scratch")
+    p.add_argument(
+        "--init-from",
+        metavar="WEIGHTS.safetensors",
+        help="start a new run from exported weights (e.g. the committed fixture) instead of scratch",
+    )
     p.add_argument("--featurize-only", action="store_true")
     p.add_argument("--eval", action="store_true", help="print the quality numbers and exit")
     p.add_argument("--export", action="store_true", help="write the trained weights (float16) and exit")
     p.add_argument("--readout-check", action="store_true", help="measure the frozen features' colour read-out")
     p.add_argument("--ckpt", help="checkpoint for --eval/--export (default: the run's last.pt)")
     p.add_argument("--weights", help="--eval a trained-weights safetensors file instead of a checkpoint")
-    p.add_argument("--fp16-weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="--eval with weights rounded to float16, as exported (default on)")
+    p.add_argument(
+        "--fp16-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--eval with weights rounded to float16, as exported (default on)",
+    )
     p.add_argument("--auto-points-per-side", type=int, default=32, help="unprompted grid for --eval (0: skip)")
     p.add_argument("--out", help="--export destination (default: the package's fixture_weights.safetensors)")
     args = p.parse_args(argv)

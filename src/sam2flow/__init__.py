@@ -11,8 +11,20 @@ from .workflows.definition import WorkflowDefinitionError, parse_definition
 from .workflows.runner import run_workflow, serialize_outputs
 
 __all__ = [
-    "Sam2Engine", "ImageEmbedding", "Prediction", "Prompt", "EmbeddingCache",
-    "CheckpointError", "load_model", "get_spec", "VERSIONS", "FAMILIES", "EnginePool",
-    "run_workflow", "serialize_outputs", "parse_definition", "WorkflowDefinitionError",
+    "Sam2Engine",
+    "ImageEmbedding",
+    "Prediction",
+    "Prompt",
+    "EmbeddingCache",
+    "CheckpointError",
+    "load_model",
+    "get_spec",
+    "VERSIONS",
+    "FAMILIES",
+    "EnginePool",
+    "run_workflow",
+    "serialize_outputs",
+    "parse_definition",
+    "WorkflowDefinitionError",
 ]
 __version__ = "0.1.0"

@@ -12,9 +12,11 @@ import supervision as sv
 def annotate(image: np.ndarray, detections: sv.Detections) -> np.ndarray:
     """RGB image (H, W, 3) → RGB copy with masks, boxes and class labels drawn."""
     scene = np.ascontiguousarray(image[:, :, ::-1])  # supervision draws on BGR arrays
-    labels = [
-        f"{name} {conf:.2f}" for name, conf in zip(detections.data.get("class_name", []), detections.confidence)
-    ] if detections.confidence is not None else None
+    labels = (
+        [f"{name} {conf:.2f}" for name, conf in zip(detections.data.get("class_name", []), detections.confidence)]
+        if detections.confidence is not None
+        else None
+    )
     scene = sv.MaskAnnotator(opacity=0.45).annotate(scene, detections)
     scene = sv.BoxAnnotator(thickness=2).annotate(scene, detections)
     if len(detections):

@@ -31,8 +31,9 @@ def masks_to_detections(
     n = len(scores)
     if not (len(masks) == len(class_ids) == len(class_names) == n) or (parent_ids is not None and len(parent_ids) != n):
         raise ValueError("masks, scores, class ids, class names and parent ids must have one entry per prompt")
-    keep = (np.flatnonzero((np.asarray(scores) >= threshold) & masks.reshape(n, -1).any(axis=1)) if n
-            else np.zeros(0, int))
+    keep = (
+        np.flatnonzero((np.asarray(scores) >= threshold) & masks.reshape(n, -1).any(axis=1)) if n else np.zeros(0, int)
+    )
     if len(keep) == 0:
         h, w = masks.shape[1:] if masks.ndim == 3 else (0, 0)
         empty = sv.Detections(
@@ -90,8 +91,9 @@ def keypoint_clicks(detections: sv.Detections, min_confidence: float = KEYPOINT_
     return out
 
 
-def attach_image_metadata(detections: sv.Detections, image_hw: tuple[int, int], image_id: str,
-                          prediction_type: str = "instance-segmentation") -> sv.Detections:
+def attach_image_metadata(
+    detections: sv.Detections, image_hw: tuple[int, int], image_id: str, prediction_type: str = "instance-segmentation"
+) -> sv.Detections:
     """Add the workflow metadata downstream steps rely on, for a full (uncropped) image.
 
     ``image_dimensions``, ``parent_dimensions``, ``root_parent_dimensions``: (N, 2) as (h, w);

@@ -155,15 +155,17 @@ def _check_size(h: int, w: int, where: str, limits: ImageLimits) -> None:
 def fetch_url(url: str, where: str, limits: ImageLimits) -> bytes:
     """GET an http(s) URL within ``limits``: size, whole-transfer timeout, redirects re-checked.
 
-    Needs urllib3 2 (``read1``). Each hop (at most 3 redirects) must be http or https and its host must resolve to public
-    addresses only, unless it is one of ``limits.url_hosts``. Name resolution and connection
+    Needs urllib3 2 (``read1``). Each hop (at most 3 redirects) must be http or https and its
+    host must resolve to public addresses only, unless it is one of ``limits.url_hosts``. Name resolution and connection
     are separate steps, so a host that changes its DNS answer in between (rebinding) is not caught:
     operators who need that guarantee put the server behind an egress proxy.
     """
     import requests
 
     if not limits.allow_urls:
-        raise ValueError(f"{where}: URL images are disabled on this server (SAM2FLOW_ALLOW_URL_IMAGES=true enables them)")
+        raise ValueError(
+            f"{where}: URL images are disabled on this server (SAM2FLOW_ALLOW_URL_IMAGES=true enables them)"
+        )
     deadline = time.monotonic() + limits.url_timeout_s
     for _ in range(_MAX_REDIRECTS + 1):
         _check_url(url, where, limits)
@@ -210,8 +212,10 @@ def _check_url(url: str, where: str, limits: ImageLimits) -> None:
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         if not address.is_global:
-            raise ValueError(f"{where}: {_short(url)} is a local or private address; the operator can allow its "
-                             f"host with SAM2FLOW_URL_HOSTS")
+            raise ValueError(
+                f"{where}: {_short(url)} is a local or private address; the operator can allow its "
+                f"host with SAM2FLOW_URL_HOSTS"
+            )
 
 
 def _short(url: str) -> str:
@@ -259,8 +263,10 @@ def load_image(value: Any, where: str = "image", limits: ImageLimits = LOCAL) ->
         return decode_base64_image(value, where, limits)
     if isinstance(value, dict) and value.get("type") in LOCAL_TYPES and "value" in value:
         return _decode_typed(value["type"], value["value"], where, limits, fetch_url)
-    raise ValueError(f"{where}: expected an image (numpy array, path, base64 or "
-                     f'{{"type": "numpy" | "base64" | "file" | "url", "value": ...}}), got {type(value).__name__}')
+    raise ValueError(
+        f"{where}: expected an image (numpy array, path, base64 or "
+        f'{{"type": "numpy" | "base64" | "file" | "url", "value": ...}}), got {type(value).__name__}'
+    )
 
 
 def _is_file(text: str) -> bool:

@@ -11,8 +11,10 @@ from .common import add_cleanup_args, add_model_args, for_remote_workers, step_p
 def add_parser(sub) -> None:
     bat = sub.add_parser("batch", help="segment a directory (or glob) of images into JSON Lines, resumably")
     bat.add_argument("input", help="a directory of images or a glob pattern (quote it)")
-    bat.add_argument("--boxes", help="a directory of <stem>.json detections or one JSONL with a 'file' key; "
-                                     "without it, unprompted mode")
+    bat.add_argument(
+        "--boxes",
+        help="a directory of <stem>.json detections or one JSONL with a 'file' key; without it, unprompted mode",
+    )
     bat.add_argument("--out", type=Path, required=True, help="output .jsonl (appended; re-runs skip done files)")
     bat.add_argument("--format", choices=("rle", "polygon"), default="rle")
     bat.add_argument("--batch-size", type=int, default=4, help="images embedded together")
@@ -21,14 +23,21 @@ def add_parser(sub) -> None:
     add_cleanup_args(bat)
     bat.add_argument("--points-per-side", type=int, default=32, help="unprompted mode's point grid")
     add_model_args(bat)
-    bat.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); "
-                     "--out may then also be a .parquet directory")
-    bat.add_argument("--ray-address", help="with --ray: the cluster to join ('auto': this machine's; "
-                                           "default $RAY_ADDRESS, else a new local cluster)")
-    bat.add_argument("--ray-actors", type=int,
-                     help="with --ray: model actors (default one per GPU, else per CPU less one)")
-    bat.add_argument("--ray-gpus-per-actor", type=float,
-                     help="with --ray: GPU share per actor (default 1 on GPU clusters)")
+    bat.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); --out may then also be a .parquet directory",
+    )
+    bat.add_argument(
+        "--ray-address",
+        help="with --ray: the cluster to join ('auto': this machine's; default $RAY_ADDRESS, else a new local cluster)",
+    )
+    bat.add_argument(
+        "--ray-actors", type=int, help="with --ray: model actors (default one per GPU, else per CPU less one)"
+    )
+    bat.add_argument(
+        "--ray-gpus-per-actor", type=float, help="with --ray: GPU share per actor (default 1 on GPU clusters)"
+    )
     bat.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs per actor (default 1)")
     bat.set_defaults(run=run)
 
@@ -46,10 +55,25 @@ def run(args) -> int:
 
     if args.out.suffix != ".jsonl":
         raise ValueError(f"--out {args.out} must end in .jsonl")
-    engine = Sam2Engine.from_pretrained(args.version, args.family, args.checkpoint, device=args.device,
-                                        dtype=args.dtype, max_batch_size=args.batch_size, compile=args.compile)
-    summary = run_batch(engine, args.input, args.out, args.boxes, args.format, args.batch_size, step_parameters(args),
-                        automatic_config=config)
+    engine = Sam2Engine.from_pretrained(
+        args.version,
+        args.family,
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.batch_size,
+        compile=args.compile,
+    )
+    summary = run_batch(
+        engine,
+        args.input,
+        args.out,
+        args.boxes,
+        args.format,
+        args.batch_size,
+        step_parameters(args),
+        automatic_config=config,
+    )
     return _summary(summary)
 
 
@@ -61,12 +85,29 @@ def _run_ray(args, config) -> int:
 
     if args.out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--out {args.out} must end in .jsonl or .parquet")
-    engine_args = {"version": args.version, "family": args.family, "checkpoint": for_remote_workers(args.checkpoint),
-                   "device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size,
-                   "compile": args.compile}
-    summary = run_ray_batch(args.input, args.out, engine_args, args.boxes, args.format, args.batch_size,
-                            step_parameters(args), config, args.ray_address, args.ray_actors,
-                            args.ray_gpus_per_actor, args.ray_cpus_per_actor)
+    engine_args = {
+        "version": args.version,
+        "family": args.family,
+        "checkpoint": for_remote_workers(args.checkpoint),
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_batch_size": args.batch_size,
+        "compile": args.compile,
+    }
+    summary = run_ray_batch(
+        args.input,
+        args.out,
+        engine_args,
+        args.boxes,
+        args.format,
+        args.batch_size,
+        step_parameters(args),
+        config,
+        args.ray_address,
+        args.ray_actors,
+        args.ray_gpus_per_actor,
+        args.ray_cpus_per_actor,
+    )
     return _summary(summary)
 
 

@@ -42,25 +42,44 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
     p.add_argument("--checkpoint", help="an original .pt, a Hugging Face directory or repository id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
-                        "float32 gives the reference's masks")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
+        "float32 gives the reference's masks",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
 
 
 def add_cleanup_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-hole-area", type=_area, default=0, metavar="PIXELS",
-                   help="fill holes of at most this many low-resolution (256x256) pixels; 0 = off (default)")
-    p.add_argument("--max-sprinkle-area", type=_area, default=0, metavar="PIXELS",
-                   help="erase specks of at most this many low-resolution (256x256) pixels; 0 = off (default)")
+    p.add_argument(
+        "--max-hole-area",
+        type=_area,
+        default=0,
+        metavar="PIXELS",
+        help="fill holes of at most this many low-resolution (256x256) pixels; 0 = off (default)",
+    )
+    p.add_argument(
+        "--max-sprinkle-area",
+        type=_area,
+        default=0,
+        metavar="PIXELS",
+        help="erase specks of at most this many low-resolution (256x256) pixels; 0 = off (default)",
+    )
 
 
 def step_parameters(args):
     """The workflow step's parameters from ``--version``, ``--threshold``, ``--single-mask`` and the clean-up flags."""
     from ..workflows.step import StepParameters
 
-    return StepParameters(args.version, args.threshold, not args.single_mask, max_hole_area=args.max_hole_area,
-                          max_sprinkle_area=args.max_sprinkle_area)
+    return StepParameters(
+        args.version,
+        args.threshold,
+        not args.single_mask,
+        max_hole_area=args.max_hole_area,
+        max_sprinkle_area=args.max_sprinkle_area,
+    )
 
 
 def for_remote_workers(checkpoint: str | None) -> str | None:

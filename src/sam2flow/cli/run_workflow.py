@@ -13,19 +13,37 @@ from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES
 def add_parser(sub) -> None:
     run_ = sub.add_parser("run-workflow", help="run a workflow definition (Roboflow Workflows JSON)")
     run_.add_argument("definition", type=Path, help="workflow definition JSON file")
-    run_.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
-                      help="an input value; repeat a name for a batch; @FILE reads JSON from a file; "
-                           "other values are parsed as JSON when they parse, else taken as strings (paths)")
+    run_.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input value; repeat a name for a batch; @FILE reads JSON from a file; "
+        "other values are parsed as JSON when they parse, else taken as strings (paths)",
+    )
     run_.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY)
-    run_.add_argument("--checkpoint", action="append", default=[], metavar="[VERSION=]PATH",
-                      help="weights for a version (default hiera_tiny when no VERSION= is given); repeatable")
+    run_.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[VERSION=]PATH",
+        help="weights for a version (default hiera_tiny when no VERSION= is given); repeatable",
+    )
     run_.add_argument("--device", default="auto")
-    run_.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                      help="image encoder precision; auto: bfloat16 where the hardware has it (default)")
+    run_.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="image encoder precision; auto: bfloat16 where the hardware has it (default)",
+    )
     run_.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run_.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
-    run_.add_argument("--remote", metavar="URL", help="send the step's work to this sam2flow server "
-                      "(default $SAM2FLOW_REMOTE_URL; the key comes from $SAM2FLOW_API_KEY)")
+    run_.add_argument(
+        "--remote",
+        metavar="URL",
+        help="send the step's work to this sam2flow server "
+        "(default $SAM2FLOW_REMOTE_URL; the key comes from $SAM2FLOW_API_KEY)",
+    )
     run_.set_defaults(run=run)
 
 

@@ -23,19 +23,39 @@ def _point(text: str) -> list[float]:
 def add_parser(sub) -> None:
     seg = sub.add_parser("segment", help="segment objects in one image from boxes and clicks")
     seg.add_argument("image", help="image file (any format Pillow reads)")
-    seg.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
-                     help="a box prompt in pixels; repeat for more objects")
-    seg.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]",
-                     help="a click (label 1 positive, default; 0 negative); all clicks form one prompt, "
-                          "which joins the box when exactly one --box is given")
-    seg.add_argument("--boxes", type=Path, metavar="FILE.json",
-                     help="detections in the prediction JSON format (x, y, width, height as centre and size)")
+    seg.add_argument(
+        "--box",
+        type=_box,
+        action="append",
+        default=[],
+        metavar="X1,Y1,X2,Y2",
+        help="a box prompt in pixels; repeat for more objects",
+    )
+    seg.add_argument(
+        "--point",
+        type=_point,
+        action="append",
+        default=[],
+        metavar="X,Y[,LABEL]",
+        help="a click (label 1 positive, default; 0 negative); all clicks form one prompt, "
+        "which joins the box when exactly one --box is given",
+    )
+    seg.add_argument(
+        "--boxes",
+        type=Path,
+        metavar="FILE.json",
+        help="detections in the prediction JSON format (x, y, width, height as centre and size)",
+    )
     add_model_args(seg)
     seg.add_argument("--threshold", type=float, default=0.0, help="drop masks scoring below this (default 0)")
     seg.add_argument("--single-mask", action="store_true", help="single-mask mode instead of best of three")
     add_cleanup_args(seg)
-    seg.add_argument("--format", choices=("json", "rle"), default="json",
-                     help="json: polygon points per mask; rle: COCO RLE per mask")
+    seg.add_argument(
+        "--format",
+        choices=("json", "rle"),
+        default="json",
+        help="json: polygon points per mask; rle: COCO RLE per mask",
+    )
     seg.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     seg.add_argument("--annotate", type=Path, metavar="OUT.png", help="write the image with masks, boxes and labels")
     seg.set_defaults(run=run)
@@ -89,8 +109,13 @@ def run(args) -> int:
     engine = Sam2Engine.from_pretrained(
         args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile
     )
-    result = engine.predict_prompts(engine.embed([image])[0], prompts, multimask_output=not args.single_mask,
-                                    max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
+    result = engine.predict_prompts(
+        engine.embed([image])[0],
+        prompts,
+        multimask_output=not args.single_mask,
+        max_hole_area=args.max_hole_area,
+        max_sprinkle_area=args.max_sprinkle_area,
+    )
     has_parents = any(p is not None for p in parents)
     detections = masks_to_detections(
         result.masks, result.scores, class_ids, class_names, parents if has_parents else None, args.threshold

@@ -81,8 +81,13 @@ class AutomaticConfig:
         for name in ("points_per_side", "points_per_batch"):
             _check_int(name, getattr(self, name), 1)
         _check_int("min_mask_region_area", self.min_mask_region_area, 0)
-        for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "mask_threshold",
-                     "box_nms_thresh"):
+        for name in (
+            "pred_iou_thresh",
+            "stability_score_thresh",
+            "stability_score_offset",
+            "mask_threshold",
+            "box_nms_thresh",
+        ):
             value = getattr(self, name)
             number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
             if not number or not math.isfinite(value):

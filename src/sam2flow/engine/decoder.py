@@ -41,8 +41,9 @@ def _ln(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def _self_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Token self-attention (N, T, C) → (N, T, C): small, done plainly."""
     h = attn.num_attention_heads
-    out = F.scaled_dot_product_attention(_heads(attn.q_proj(q), h), _heads(attn.k_proj(k), h),
-                                         _heads(attn.v_proj(v), h), scale=attn.scaling)
+    out = F.scaled_dot_product_attention(
+        _heads(attn.q_proj(q), h), _heads(attn.k_proj(k), h), _heads(attn.v_proj(v), h), scale=attn.scaling
+    )
     return attn.o_proj(_merge(out))
 
 

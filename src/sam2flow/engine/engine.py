@@ -260,7 +260,9 @@ class Sam2Engine:
         cleanup = _cleanup(max_hole_area, max_sprinkle_area)
         h, w = embedding.original_size
         if not prompts:
-            return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, LOW_RES, LOW_RES), np.float32))
+            return Prediction(
+                np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, LOW_RES, LOW_RES), np.float32)
+            )
         groups = group_prompts(prompts, embedding.original_size)
         if len(groups) == 1:
             return self._decode(embedding, groups[0][1], multimask_output, cleanup)
@@ -308,11 +310,20 @@ class Sam2Engine:
                 return low_res[:, 0], iou[:, 0]
             if mask is None:
                 dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
-            return decode(self.model.mask_decoder, emb.image_embed, self._image_pe, sparse, dense,
-                          emb.high_res_feats, multimask_output, DECODE_CHUNK)
+            return decode(
+                self.model.mask_decoder,
+                emb.image_embed,
+                self._image_pe,
+                sparse,
+                dense,
+                emb.high_res_feats,
+                multimask_output,
+                DECODE_CHUNK,
+            )
 
-    def _decode(self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool,
-                cleanup: tuple[int, int] = (0, 0)) -> Prediction:
+    def _decode(
+        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int] = (0, 0)
+    ) -> Prediction:
         low_res, iou = self.decode_low_res(emb, prompts, multimask_output)
         with torch.inference_mode():
             best = iou.argmax(dim=1)
@@ -329,12 +340,29 @@ class Sam2Engine:
 
         return generate_masks(self, embedding, config or AutomaticConfig())
 
-    def segment(self, image: np.ndarray, boxes=None, points=None, point_labels=None, multimask_output: bool = True,
-                max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
+    def segment(
+        self,
+        image: np.ndarray,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        multimask_output: bool = True,
+        max_hole_area: int = 0,
+        max_sprinkle_area: int = 0,
+    ) -> Prediction:
         """Embed one image (cached) and decode its prompts."""
-        return self.predict(self.embed([image])[0], boxes, points, point_labels, multimask_output=multimask_output,
-                            max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
+        return self.predict(
+            self.embed([image])[0],
+            boxes,
+            points,
+            point_labels,
+            multimask_output=multimask_output,
+            max_hole_area=max_hole_area,
+            max_sprinkle_area=max_sprinkle_area,
+        )
 
 
 def _cleanup(max_hole_area, max_sprinkle_area) -> tuple[int, int]:
-    return T.check_region_area("max_hole_area", max_hole_area), T.check_region_area("max_sprinkle_area", max_sprinkle_area)
+    return T.check_region_area("max_hole_area", max_hole_area), T.check_region_area(
+        "max_sprinkle_area", max_sprinkle_area
+    )

@@ -24,8 +24,9 @@ def _hiera_attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tenso
         query = pooled.permute(0, 2, 3, 1)
         h, w = query.shape[1:3]
         query = query.reshape(b, h * w, self.num_attention_heads, -1)
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         scale=self.scale)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=self.scale
+    )
     return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

@@ -66,8 +66,14 @@ class EnginePool:
                 if version in self._engines:
                     return self._engines[version]
             engine = Sam2Engine.from_pretrained(
-                version, self.family, self.checkpoints.get(version), device=self.device, dtype=self.dtype,
-                max_batch_size=self.max_batch_size, cache=self.cache, compile=self.compile,
+                version,
+                self.family,
+                self.checkpoints.get(version),
+                device=self.device,
+                dtype=self.dtype,
+                max_batch_size=self.max_batch_size,
+                cache=self.cache,
+                compile=self.compile,
             )
             with self._lock:
                 self._engines[version] = engine

@@ -16,8 +16,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of bf16 arithmetic in hardware
 
@@ -69,6 +75,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     else:
         raise ValueError(f"unknown dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     if resolved == torch.bfloat16 and device.type == "cpu" and not native_bf16(device):
-        log.warning("bfloat16 on a CPU without AVX512-BF16/AMX is emulated and much slower than float32; "
-                    "use dtype='auto' or 'float32'")
+        log.warning(
+            "bfloat16 on a CPU without AVX512-BF16/AMX is emulated and much slower than float32; "
+            "use dtype='auto' or 'float32'"
+        )
     return resolved

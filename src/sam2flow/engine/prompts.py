@@ -13,8 +13,16 @@ import numpy as np
 
 from .types import LOW_RES, Prompt, PromptArrays
 
-__all__ = ["Prompt", "PromptArrays", "PromptBudget", "PromptLimitError", "check_boxes", "check_mask_input",
-           "check_points", "group_prompts"]
+__all__ = [
+    "Prompt",
+    "PromptArrays",
+    "PromptBudget",
+    "PromptLimitError",
+    "check_boxes",
+    "check_mask_input",
+    "check_points",
+    "group_prompts",
+]
 
 
 def _finite(a: np.ndarray, what: str) -> None:
@@ -140,10 +148,14 @@ class PromptBudget:
         for i, n in enumerate(counts):
             if self.per_image is not None and n > self.per_image:
                 image = f" image {i}" if len(counts) > 1 else ""
-                raise PromptLimitError(f"{where}:{image} {n} prompts is more than this server's limit of "
-                                       f"{self.per_image} per image (SAM2FLOW_MAX_PROMPTS)")
+                raise PromptLimitError(
+                    f"{where}:{image} {n} prompts is more than this server's limit of "
+                    f"{self.per_image} per image (SAM2FLOW_MAX_PROMPTS)"
+                )
         total = self.used + sum(counts)
         if self.per_request is not None and total > self.per_request:
-            raise PromptLimitError(f"{where}: {total} prompts in one request is more than this server's limit of "
-                                   f"{self.per_request} (SAM2FLOW_MAX_REQUEST_PROMPTS)")
+            raise PromptLimitError(
+                f"{where}: {total} prompts in one request is more than this server's limit of "
+                f"{self.per_request} (SAM2FLOW_MAX_REQUEST_PROMPTS)"
+            )
         self.used = total

@@ -113,8 +113,10 @@ def remove_small_regions(low_res: torch.Tensor, max_hole_area: int, max_sprinkle
     out = arr.copy()
     for k in range(len(arr)):
         fg = arr[k] > MASK_THRESHOLD
-        for region, area, value in ((~fg, max_hole_area, MASK_THRESHOLD + REGION_FILL),
-                                    (fg, max_sprinkle_area, MASK_THRESHOLD - REGION_FILL)):
+        for region, area, value in (
+            (~fg, max_hole_area, MASK_THRESHOLD + REGION_FILL),
+            (fg, max_sprinkle_area, MASK_THRESHOLD - REGION_FILL),
+        ):
             if area <= 0:
                 continue
             _, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)

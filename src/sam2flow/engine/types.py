@@ -137,7 +137,8 @@ class SegmentingEngine(Protocol[EmbeddingT]):
     content where the engine caches). ``predict_prompts``: any mix of prompts of one image → the best
     mask per prompt, in prompt order, holes and specks of at most ``max_hole_area`` /
     ``max_sprinkle_area`` low-resolution pixels removed (0: masks as decoded). ``automatic``: every
-    object in the image (unprompted mode) with ``config`` (``None``: the engine's defaults), best first. Bad input raises ``ValueError``.
+    object in the image (unprompted mode) with ``config`` (``None``: the engine's defaults), best
+    first. Bad input raises ``ValueError``.
     """
 
     def embed(self, images: Sequence[np.ndarray]) -> list[EmbeddingT]: ...

@@ -34,9 +34,7 @@ def mask_to_polygons(mask: np.ndarray) -> list[np.ndarray]:
     return [c.reshape(-1, 2).astype(np.float64) for c in kept]
 
 
-def polygons_to_mask(
-    polygons: Sequence[np.ndarray | Sequence[Sequence[float]]], height: int, width: int
-) -> np.ndarray:
+def polygons_to_mask(polygons: Sequence[np.ndarray | Sequence[Sequence[float]]], height: int, width: int) -> np.ndarray:
     """Rasterize polygons into one bool ``(height, width)`` mask (their union).
 
     Each polygon is ``(K, 2)`` ``[x, y]`` pixel-centre coordinates. A pixel is set

@@ -18,9 +18,7 @@ from .rle import mask_to_rle, rle_size, rle_to_mask
 MASK_FORMATS = ("polygon", "rle")
 
 
-def detections_to_predictions(
-    detections: sv.Detections, mask_format: str = "polygon"
-) -> list[dict]:
+def detections_to_predictions(detections: sv.Detections, mask_format: str = "polygon") -> list[dict]:
     """Shape ``detections`` into one JSON-ready prediction dict per detection.
 
     Reads ``xyxy`` (``(N, 4)`` pixels), ``mask`` (``(N, H, W)`` bool, dense or
@@ -33,10 +31,7 @@ def detections_to_predictions(
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     boxes = xyxy_to_cxcywh(detections.xyxy)
-    return [
-        _prediction(detections, index, boxes[index], mask_format)
-        for index in range(len(detections))
-    ]
+    return [_prediction(detections, index, boxes[index], mask_format) for index in range(len(detections))]
 
 
 def _prediction(detections: sv.Detections, index: int, box: np.ndarray, mask_format: str) -> dict:
@@ -118,9 +113,7 @@ def predictions_to_detections(
     )
 
 
-def _unwrap(
-    predictions: Any, image_hw: tuple[int, int] | None
-) -> tuple[list, tuple[int, int] | None]:
+def _unwrap(predictions: Any, image_hw: tuple[int, int] | None) -> tuple[list, tuple[int, int] | None]:
     """The list of predictions and the image ``(H, W)`` (or None)."""
     if image_hw is not None:
         image_hw = check_hw(image_hw, "image_hw")
@@ -138,9 +131,7 @@ def _unwrap(
 
 def _image_hw(image: Any, image_hw: tuple[int, int] | None) -> tuple[int, int]:
     if not isinstance(image, Mapping):
-        raise ValueError(
-            f"'image' must be a dict with width and height, got {type(image).__name__}"
-        )
+        raise ValueError(f"'image' must be a dict with width and height, got {type(image).__name__}")
     found = check_hw((image.get("height"), image.get("width")), "image height/width")
     if image_hw is not None and image_hw != found:
         raise ValueError(f"image_hw {image_hw} disagrees with the 'image' size {found}")
@@ -235,9 +226,7 @@ def _polygons_field(item: Mapping, index: int) -> list[np.ndarray] | None:
         polygons = item["polygons"]
         if not isinstance(polygons, (list, tuple)):
             raise ValueError(f"prediction {index}: 'polygons' must be a list of [[x, y], ...]")
-        return [
-            as_polygon(p, f"prediction {index}: 'polygons'[{k}]") for k, p in enumerate(polygons)
-        ]
+        return [as_polygon(p, f"prediction {index}: 'polygons'[{k}]") for k, p in enumerate(polygons)]
     if item.get("points") is not None:
         return [_points(item["points"], index)]
     return None
@@ -250,8 +239,7 @@ def _points(points: Any, index: int) -> np.ndarray:
     for point in points:
         if not isinstance(point, Mapping) or not all(is_number(point.get(k)) for k in ("x", "y")):
             raise ValueError(
-                f"prediction {index}: 'points' entries must be "
-                f"{{'x': number, 'y': number}}, got {point!r}"
+                f"prediction {index}: 'points' entries must be {{'x': number, 'y': number}}, got {point!r}"
             )
         coords.append((point["x"], point["y"]))
     return as_polygon(coords, f"prediction {index}: 'points'")
@@ -283,8 +271,7 @@ def _mask(p: dict, image_hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"prediction {p['index']}: 'rle': {error}") from None
     if mask.shape != image_hw:
         raise ValueError(
-            f"prediction {p['index']}: 'rle' size {list(mask.shape)} "
-            f"differs from the image {list(image_hw)}"
+            f"prediction {p['index']}: 'rle' size {list(mask.shape)} differs from the image {list(image_hw)}"
         )
     return mask
 
@@ -295,9 +282,7 @@ def _confidences(parsed: list[dict]) -> np.ndarray | None:
         return None
     for p in parsed:
         if p["confidence"] is None:
-            raise ValueError(
-                f"prediction {p['index']}: 'confidence' is missing but other predictions have one"
-            )
+            raise ValueError(f"prediction {p['index']}: 'confidence' is missing but other predictions have one")
     return np.array(values, dtype=np.float64)
 
 

@@ -46,14 +46,9 @@ def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
     if any(r < 0 for r in runs):
         raise ValueError("rle 'counts' has a negative run length")
     if sum(runs) != height * width:
-        raise ValueError(
-            f"rle 'counts' covers {sum(runs)} pixels but 'size' [{height}, {width}] "
-            f"has {height * width}"
-        )
+        raise ValueError(f"rle 'counts' covers {sum(runs)} pixels but 'size' [{height}, {width}] has {height * width}")
     if not compressed:
-        compressed = mask_utils.frPyObjects(
-            {"size": [height, width], "counts": runs}, height, width
-        )["counts"]
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)["counts"]
     decoded = mask_utils.decode({"size": [height, width], "counts": compressed})
     return decoded.astype(bool)
 
@@ -75,9 +70,7 @@ def _rle_runs(counts: Any) -> tuple[list[int], bytes | None]:
         return parse_compressed_counts(counts), counts
     if isinstance(counts, (list, tuple)) and all(is_int(v) for v in counts):
         return [int(v) for v in counts], None
-    raise ValueError(
-        f"rle 'counts' must be a str (compressed) or a list of ints, got {type(counts).__name__}"
-    )
+    raise ValueError(f"rle 'counts' must be a str (compressed) or a list of ints, got {type(counts).__name__}")
 
 
 def parse_compressed_counts(data: bytes) -> list[int]:

@@ -108,8 +108,12 @@ class InteractorRequest:
     def prompt(self, mask_input: np.ndarray | None = None) -> Prompt:
         points = np.concatenate([self.positive, self.negative])
         labels = [1] * len(self.positive) + [0] * len(self.negative)
-        return Prompt(box=self.box, points=points if len(points) else None, labels=labels if len(points) else None,
-                      mask_input=mask_input)
+        return Prompt(
+            box=self.box,
+            points=points if len(points) else None,
+            labels=labels if len(points) else None,
+            mask_input=mask_input,
+        )
 
     @property
     def multimask_output(self) -> bool:
@@ -284,8 +288,12 @@ class _LastPrompt:
 def _extends(old: tuple, new: tuple) -> bool:
     """Same box, the old clicks are the first ones of each kind, and there are more now."""
     (old_box, old_pos, old_neg), (box, pos, neg) = old, new
-    return (old_box == box and pos[: len(old_pos)] == old_pos and neg[: len(old_neg)] == old_neg
-            and len(pos) + len(neg) > len(old_pos) + len(old_neg))
+    return (
+        old_box == box
+        and pos[: len(old_pos)] == old_pos
+        and neg[: len(old_neg)] == old_neg
+        and len(pos) + len(neg) > len(old_pos) + len(old_neg)
+    )
 
 
 class CvatFunction:
@@ -298,8 +306,15 @@ class CvatFunction:
     (the engine must take ``mask_input``; a remote server keeps its own). Safe to share between threads.
     """
 
-    def __init__(self, engine: SegmentingEngine, kind: str = "interactor", label: str = DEFAULT_LABEL,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, automatic_config: Any = None, reuse_logits: bool = True):
+    def __init__(
+        self,
+        engine: SegmentingEngine,
+        kind: str = "interactor",
+        label: str = DEFAULT_LABEL,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        automatic_config: Any = None,
+        reuse_logits: bool = True,
+    ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.engine, self.kind, self.label = engine, kind, label
@@ -349,8 +364,11 @@ class CvatFunction:
         threshold = read_threshold(body)
         embedding = self.engine.embed([image])[0]
         found = self.engine.automatic(embedding, self.automatic_config)
-        return [detector_shape(m, s, self.label) for m, s in zip(found.masks, found.scores)
-                if m.any() and (threshold is None or s >= threshold)]
+        return [
+            detector_shape(m, s, self.label)
+            for m, s in zip(found.masks, found.scores)
+            if m.any() and (threshold is None or s >= threshold)
+        ]
 
 
 # ---- configuration and nuclio entry points -------------------------------------------------
@@ -399,19 +417,26 @@ class FunctionConfig:
         env = os.environ if env is None else env
         get = lambda name, default=None: env.get(name, "").strip() or default  # noqa: E731
         config = cls(
-            kind=get("SAM2FLOW_CVAT_KIND", "interactor"), label=get("SAM2FLOW_CVAT_LABEL", DEFAULT_LABEL),
-            version=get("SAM2FLOW_VERSION", "hiera_tiny"), family=get("SAM2FLOW_FAMILY", "sam2.1"),
-            checkpoint=get("SAM2FLOW_CHECKPOINT"), device=get("SAM2FLOW_DEVICE", "auto"),
-            dtype=get("SAM2FLOW_DTYPE", "auto"), cache_entries=_env_int(env, "SAM2FLOW_CACHE_ENTRIES", 16),
-            remote_url=get("SAM2FLOW_REMOTE_URL"), api_key=get("SAM2FLOW_API_KEY"),
+            kind=get("SAM2FLOW_CVAT_KIND", "interactor"),
+            label=get("SAM2FLOW_CVAT_LABEL", DEFAULT_LABEL),
+            version=get("SAM2FLOW_VERSION", "hiera_tiny"),
+            family=get("SAM2FLOW_FAMILY", "sam2.1"),
+            checkpoint=get("SAM2FLOW_CHECKPOINT"),
+            device=get("SAM2FLOW_DEVICE", "auto"),
+            dtype=get("SAM2FLOW_DTYPE", "auto"),
+            cache_entries=_env_int(env, "SAM2FLOW_CACHE_ENTRIES", 16),
+            remote_url=get("SAM2FLOW_REMOTE_URL"),
+            api_key=get("SAM2FLOW_API_KEY"),
             max_pixels=_env_int(env, "SAM2FLOW_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
             points_per_side=_env_int(env, "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE", None),
         )
         if config.kind not in KINDS:
             raise ValueError(f"$SAM2FLOW_CVAT_KIND must be one of {KINDS}, got {config.kind!r}")
         if config.remote_url and config.points_per_side is not None:
-            raise ValueError("$SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE applies to a local model; "
-                             "with $SAM2FLOW_REMOTE_URL set it on the server")
+            raise ValueError(
+                "$SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE applies to a local model; "
+                "with $SAM2FLOW_REMOTE_URL set it on the server"
+            )
         return config
 
     def build(self) -> CvatFunction:
@@ -424,8 +449,14 @@ class FunctionConfig:
         from ..engine.automatic import AutomaticConfig
         from ..engine.engine import Sam2Engine
 
-        engine = Sam2Engine.from_pretrained(self.version, self.family, self.checkpoint, device=self.device,
-                                            dtype=self.dtype, cache=EmbeddingCache(self.cache_entries))
+        engine = Sam2Engine.from_pretrained(
+            self.version,
+            self.family,
+            self.checkpoint,
+            device=self.device,
+            dtype=self.dtype,
+            cache=EmbeddingCache(self.cache_entries),
+        )
         automatic = AutomaticConfig(points_per_side=self.points_per_side) if self.points_per_side else None
         return CvatFunction(engine, self.kind, self.label, self.max_pixels, automatic)
 

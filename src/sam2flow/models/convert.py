@@ -23,17 +23,27 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
     for p, r in [
         (r"no_mem_embed", "no_memory_embedding"),
         # Hiera trunk
-        (r"image_encoder\.trunk\.patch_embed\.proj\.(weight|bias)",
-         r"vision_encoder.backbone.patch_embed.projection.\1"),
+        (
+            r"image_encoder\.trunk\.patch_embed\.proj\.(weight|bias)",
+            r"vision_encoder.backbone.patch_embed.projection.\1",
+        ),
         (r"image_encoder\.trunk\.(pos_embed|pos_embed_window)", r"vision_encoder.backbone.\1"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.norm(1|2)\.(weight|bias)",
-         r"vision_encoder.backbone.blocks.\1.layer_norm\2.\3"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)",
-         r"vision_encoder.backbone.blocks.\1.attn.\2.\3"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
-         r"vision_encoder.backbone.blocks.\1.mlp.proj_in.\2"),
-        (r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
-         r"vision_encoder.backbone.blocks.\1.mlp.proj_out.\2"),
+        (
+            r"image_encoder\.trunk\.blocks\.(\d+)\.norm(1|2)\.(weight|bias)",
+            r"vision_encoder.backbone.blocks.\1.layer_norm\2.\3",
+        ),
+        (
+            r"image_encoder\.trunk\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)",
+            r"vision_encoder.backbone.blocks.\1.attn.\2.\3",
+        ),
+        (
+            r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
+            r"vision_encoder.backbone.blocks.\1.mlp.proj_in.\2",
+        ),
+        (
+            r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
+            r"vision_encoder.backbone.blocks.\1.mlp.proj_out.\2",
+        ),
         (r"image_encoder\.trunk\.blocks\.(\d+)\.proj\.(weight|bias)", r"vision_encoder.backbone.blocks.\1.proj.\2"),
         # FPN neck
         (r"image_encoder\.neck\.convs\.(\d)\.conv\.(weight|bias)", r"vision_encoder.neck.convs.\1.\2"),
@@ -46,16 +56,26 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
         (r"sam_prompt_encoder\.mask_downscaling\.6\.(weight|bias)", r"prompt_encoder.mask_embed.conv3.\1"),
         # mask decoder: two-way transformer
         (r"sam_mask_decoder\.transformer\.(.+)\.out_proj\.(weight|bias)", r"mask_decoder.transformer.\1.o_proj.\2"),
-        (r"sam_mask_decoder\.transformer\.(.+)\.(q|k|v)_proj\.(weight|bias)",
-         r"mask_decoder.transformer.\1.\2_proj.\3"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.(weight|bias)",
-         r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
-         r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
-        (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
-         r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2"),
-        (r"sam_mask_decoder\.transformer\.norm_final_attn\.(weight|bias)",
-         r"mask_decoder.transformer.layer_norm_final_attn.\1"),
+        (
+            r"sam_mask_decoder\.transformer\.(.+)\.(q|k|v)_proj\.(weight|bias)",
+            r"mask_decoder.transformer.\1.\2_proj.\3",
+        ),
+        (
+            r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.(weight|bias)",
+            r"mask_decoder.transformer.layers.\1.layer_norm\2.\3",
+        ),
+        (
+            r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.0\.(weight|bias)",
+            r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2",
+        ),
+        (
+            r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.layers\.1\.(weight|bias)",
+            r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2",
+        ),
+        (
+            r"sam_mask_decoder\.transformer\.norm_final_attn\.(weight|bias)",
+            r"mask_decoder.transformer.layer_norm_final_attn.\1",
+        ),
         # mask decoder: heads (three-layer MLPs: proj_in, layers.0, proj_out)
         (rf"sam_mask_decoder\.{_HEADS}\.layers\.0\.(weight|bias)", r"mask_decoder.\1.proj_in.\2"),
         (rf"sam_mask_decoder\.{_HEADS}\.layers\.1\.(weight|bias)", r"mask_decoder.\1.layers.0.\2"),

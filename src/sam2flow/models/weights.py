@@ -35,8 +35,10 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read as a PyTorch weights file: {reason[:200]}") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
         raise CheckpointError(f"checkpoint {path} holds no SAM2 state dict (expected {{'model': {{name: tensor}}}})")
     return state
@@ -79,19 +81,26 @@ def model_from_hf(directory_or_repo: str | os.PathLike, spec: ModelSpec, local_o
 
     try:
         model, info = Sam2Model.from_pretrained(
-            str(directory_or_repo), dtype=torch.float32, use_safetensors=True, local_files_only=local_only,
+            str(directory_or_repo),
+            dtype=torch.float32,
+            use_safetensors=True,
+            local_files_only=local_only,
             output_loading_info=True,
         )
     except Exception as e:
         raise CheckpointError(
-            f"cannot load a Hugging Face SAM2 model from {directory_or_repo}: {str(e)[:300]}") from None
+            f"cannot load a Hugging Face SAM2 model from {directory_or_repo}: {str(e)[:300]}"
+        ) from None
     _check_hf_config(model, spec, str(directory_or_repo))
     # transformers only logs missing (then randomly initialised) and unexpected keys; we refuse them.
     # Video-memory keys are already left out of ``unexpected_keys`` by Sam2Model's own ignore list.
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:
-        problems = [f"{what} {len(keys)} key(s): {', '.join(keys[:6])}" for what, keys in
-                    (("missing", missing), ("unexpected", unexpected)) if keys]
+        problems = [
+            f"{what} {len(keys)} key(s): {', '.join(keys[:6])}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         raise CheckpointError(f"{directory_or_repo} does not fit {spec.name}: " + "; ".join(problems))
     return model.eval()
 

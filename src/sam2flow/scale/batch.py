@@ -91,11 +91,18 @@ def _detections_for(boxes, stem: str, hw):
 def _segment(engine, names, images, boxes, params, mask_format, automatic_config) -> dict[str, dict]:
     if not images:
         return {}
-    dets = None if boxes is None else [_detections_for(boxes, Path(n).stem, im.shape[:2]) for n, im in zip(names, images)]
+    dets = (
+        None if boxes is None else [_detections_for(boxes, Path(n).stem, im.shape[:2]) for n, im in zip(names, images)]
+    )
     results = segment_images(engine, images, names, dets, params, automatic_config)  # one batched embedding
-    return {n: {"file": n, "image": {"width": im.shape[1], "height": im.shape[0]},
-                "predictions": detections_to_predictions(d, mask_format)}
-            for n, im, d in zip(names, images, results)}
+    return {
+        n: {
+            "file": n,
+            "image": {"width": im.shape[1], "height": im.shape[0]},
+            "predictions": detections_to_predictions(d, mask_format),
+        }
+        for n, im, d in zip(names, images, results)
+    }
 
 
 def read_image_file(path: Path) -> np.ndarray:
@@ -107,8 +114,15 @@ def error_record(name: str, error: Exception) -> dict:
     return {"file": name, "error": str(error)}
 
 
-def segment_records(engine, names: list[str], images: list[np.ndarray], boxes, params: StepParameters,
-                    mask_format: str = "rle", automatic_config=None) -> dict[str, dict]:
+def segment_records(
+    engine,
+    names: list[str],
+    images: list[np.ndarray],
+    boxes,
+    params: StepParameters,
+    mask_format: str = "rle",
+    automatic_config=None,
+) -> dict[str, dict]:
     """Records of decoded images (RGB uint8, any sizes), embedded together, keyed by file name.
 
     ``boxes`` maps a file stem to its detections (a ``Path`` of JSON, JSON text or a parsed record), or is
@@ -173,17 +187,27 @@ def _chunks(files: list[Path], size: int) -> Iterator[list[Path]]:
         yield files[i : i + size]
 
 
-def run_batch(engine, source: str, out: Path, boxes_source: str | None = None, mask_format: str = "rle",
-              batch_size: int = 4, params: StepParameters | None = None, progress: bool = True,
-              automatic_config=None) -> BatchSummary:
+def run_batch(
+    engine,
+    source: str,
+    out: Path,
+    boxes_source: str | None = None,
+    mask_format: str = "rle",
+    batch_size: int = 4,
+    params: StepParameters | None = None,
+    progress: bool = True,
+    automatic_config=None,
+) -> BatchSummary:
     """Segment every image under ``source`` into ``out`` (JSONL); see the module docstring."""
     from tqdm import tqdm
 
     params = params or StepParameters()
     todo, summary = pending(source, done_files(out))
     boxes = load_boxes(boxes_source)
-    with JsonlSink(out, summary) as sink, tqdm(total=len(todo), unit="img", disable=not progress,
-                                               file=sys.stderr) as bar:
+    with (
+        JsonlSink(out, summary) as sink,
+        tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr) as bar,
+    ):
         for chunk in _chunks(todo, batch_size):
             records = {f.name: None for f in chunk}
             images, names = [], []

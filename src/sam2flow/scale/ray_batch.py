@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..workflows.step import StepParameters
-from .batch import (BatchSummary, JsonlSink, count, done_files, load_boxes, pending, read_image_file,
-                    segment_records)
+from .batch import BatchSummary, JsonlSink, count, done_files, load_boxes, pending, read_image_file, segment_records
 from .ray_common import ray_cluster
 
 PARQUET_COLUMNS = ("file", "width", "height", "predictions", "error")
@@ -37,8 +36,9 @@ READ_CPUS = 0.5  # per read + decode task (see run_ray_batch)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image column of a row that failed to decode
 
 
-def actor_plan(resources: dict, actors: int | None = None, gpus_per_actor: float | None = None,
-               cpus_per_actor: float = 1.0) -> tuple[int, float, float]:
+def actor_plan(
+    resources: dict, actors: int | None = None, gpus_per_actor: float | None = None, cpus_per_actor: float = 1.0
+) -> tuple[int, float, float]:
     """(actors, GPUs per actor, CPUs per actor) for a cluster's ``ray.cluster_resources()``.
 
     With GPUs: one actor per GPU (or per ``gpus_per_actor`` share: 0.5 puts two on each GPU).
@@ -59,8 +59,10 @@ def actor_plan(resources: dict, actors: int | None = None, gpus_per_actor: float
     if gpus_per_actor > 0 and actors * gpus_per_actor > gpus + 1e-9:
         raise ValueError(f"{actors} actors of {gpus_per_actor:g} GPU need more than the cluster's {gpus:g} GPUs")
     if gpus_per_actor == 0 and actors * cpus_per_actor + READ_CPUS > cpus + 1e-9:
-        raise ValueError(f"{actors} actors of {cpus_per_actor:g} CPUs leave none of the cluster's {cpus:g} CPUs "
-                         "to read images: fewer actors or CPUs per actor")
+        raise ValueError(
+            f"{actors} actors of {cpus_per_actor:g} CPUs leave none of the cluster's {cpus:g} CPUs "
+            "to read images: fewer actors or CPUs per actor"
+        )
     return actors, gpus_per_actor, cpus_per_actor
 
 
@@ -79,8 +81,7 @@ def _read_row(row: dict) -> dict:
 class _Segmenter:
     """An actor of the pool: holds one engine and turns batches of decoded rows into records."""
 
-    def __init__(self, engine_args: dict, params: StepParameters, mask_format: str, automatic_config,
-                 prompted: bool):
+    def __init__(self, engine_args: dict, params: StepParameters, mask_format: str, automatic_config, prompted: bool):
         from ..engine.engine import Sam2Engine
 
         self.engine = Sam2Engine.from_pretrained(**engine_args)
@@ -100,8 +101,17 @@ class _Segmenter:
         boxes = None
         if self.prompted:
             boxes = {Path(names[i]).stem: str(batch["boxes"][i]) for i in good if batch["boxes"][i]}
-        records.update(segment_records(self.engine, [names[i] for i in good], images, boxes, self.params,
-                                       self.mask_format, self.automatic_config))
+        records.update(
+            segment_records(
+                self.engine,
+                [names[i] for i in good],
+                images,
+                boxes,
+                self.params,
+                self.mask_format,
+                self.automatic_config,
+            )
+        )
         return {"record": np.array([json.dumps(records[n]) for n in names], dtype=object)}
 
 
@@ -110,9 +120,14 @@ def _rows(todo: list[Path], boxes) -> list[dict]:
     rows = []
     for f in todo:
         entry = None if boxes is None else boxes.get(f.stem)
-        rows.append({"path": str(f.resolve()), "file": f.name,
-                     "boxes_file": str(entry.resolve()) if isinstance(entry, Path) else "",
-                     "boxes": json.dumps(entry) if entry is not None and not isinstance(entry, Path) else ""})
+        rows.append(
+            {
+                "path": str(f.resolve()),
+                "file": f.name,
+                "boxes_file": str(entry.resolve()) if isinstance(entry, Path) else "",
+                "boxes": json.dumps(entry) if entry is not None and not isinstance(entry, Path) else "",
+            }
+        )
     return rows
 
 
@@ -132,9 +147,15 @@ class ParquetSink:
 
     def write(self, record: dict) -> None:
         image = record.get("image") or {}
-        self._rows.append({"file": record["file"], "width": image.get("width"), "height": image.get("height"),
-                           "predictions": json.dumps(record["predictions"]) if "predictions" in record else None,
-                           "error": record.get("error")})
+        self._rows.append(
+            {
+                "file": record["file"],
+                "width": image.get("width"),
+                "height": image.get("height"),
+                "predictions": json.dumps(record["predictions"]) if "predictions" in record else None,
+                "error": record.get("error"),
+            }
+        )
         count(self.summary, record)
         if len(self._rows) >= self.part_rows:
             self.flush()
@@ -145,8 +166,15 @@ class ParquetSink:
 
         if not self._rows:
             return
-        schema = pa.schema([("file", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                            ("predictions", pa.string()), ("error", pa.string())])
+        schema = pa.schema(
+            [
+                ("file", pa.string()),
+                ("width", pa.int32()),
+                ("height", pa.int32()),
+                ("predictions", pa.string()),
+                ("error", pa.string()),
+            ]
+        )
         table = pa.Table.from_pylist(self._rows, schema=schema)
         name = f"part-{self._run}-{self._parts:05d}.parquet"
         tmp = self.out / f".{name}.tmp"  # a crash mid-write leaves a hidden temporary, never a torn part
@@ -186,16 +214,31 @@ def read_parquet_records(out: Path) -> list[dict]:
             if row["error"] is not None:
                 records.append({"file": row["file"], "error": row["error"]})
             else:
-                records.append({"file": row["file"], "image": {"width": row["width"], "height": row["height"]},
-                                "predictions": json.loads(row["predictions"])})
+                records.append(
+                    {
+                        "file": row["file"],
+                        "image": {"width": row["width"], "height": row["height"]},
+                        "predictions": json.loads(row["predictions"]),
+                    }
+                )
     return records
 
 
-def run_ray_batch(source: str, out: Path, engine_args: dict, boxes_source: str | None = None,
-                  mask_format: str = "rle", batch_size: int = 4, params: StepParameters | None = None,
-                  automatic_config=None, address: str | None = None, actors: int | None = None,
-                  gpus_per_actor: float | None = None, cpus_per_actor: float = 1.0,
-                  progress: bool = True) -> BatchSummary:
+def run_ray_batch(
+    source: str,
+    out: Path,
+    engine_args: dict,
+    boxes_source: str | None = None,
+    mask_format: str = "rle",
+    batch_size: int = 4,
+    params: StepParameters | None = None,
+    automatic_config=None,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 1.0,
+    progress: bool = True,
+) -> BatchSummary:
     """Segment every image under ``source`` into ``out`` (``.jsonl`` or a ``.parquet`` directory) on Ray.
 
     ``engine_args``: ``Sam2Engine.from_pretrained`` keywords, used by each actor. ``address``: the
@@ -220,10 +263,19 @@ def run_ray_batch(source: str, out: Path, engine_args: dict, boxes_source: str |
         # then run one after the other with the model instead of beside it.
         ds = ray.data.from_items(_rows(todo, boxes)).map(_read_row, num_cpus=READ_CPUS)
         ds = ds.map_batches(
-            _Segmenter, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
-            num_gpus=gpus, num_cpus=cpus,
-            fn_constructor_kwargs={"engine_args": engine_args, "params": params, "mask_format": mask_format,
-                                   "automatic_config": automatic_config, "prompted": boxes is not None},
+            _Segmenter,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            num_gpus=gpus,
+            num_cpus=cpus,
+            fn_constructor_kwargs={
+                "engine_args": engine_args,
+                "params": params,
+                "mask_format": mask_format,
+                "automatic_config": automatic_config,
+                "prompted": boxes is not None,
+            },
         )
         sink = ParquetSink(out, summary) if parquet else JsonlSink(out, summary)
         with sink, tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr) as bar:

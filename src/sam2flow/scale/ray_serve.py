@@ -32,8 +32,14 @@ from ..server.settings import ServerSettings
 from .ray_common import ray_cluster, require_ray
 
 APP_NAME = "sam2flow"
-REPLICA_OPTIONS = ("replicas", "min_replicas", "max_replicas", "num_gpus_per_replica", "num_cpus_per_replica",
-                   "target_ongoing_requests")
+REPLICA_OPTIONS = (
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "num_gpus_per_replica",
+    "num_cpus_per_replica",
+    "target_ongoing_requests",
+)
 
 
 class ServeEmbedBatcher:
@@ -112,8 +118,9 @@ class ReplicaApp:
         app = create_app(self.settings)
         state = app.state.sam2flow
         state.batcher.close()  # the app's own batching thread: Serve batches instead
-        self.batcher = ServeEmbedBatcher(self.settings.max_batch_size, self.settings.max_wait_ms / 1000,
-                                         state.metrics.batch_size.observe)
+        self.batcher = ServeEmbedBatcher(
+            self.settings.max_batch_size, self.settings.max_wait_ms / 1000, state.metrics.batch_size.observe
+        )
         state.batcher = self.batcher
         self.app = app
 
@@ -130,9 +137,15 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def build_app(settings: ServerSettings, replicas: int | None = None, min_replicas: int | None = None,
-              max_replicas: int | None = None, num_gpus_per_replica: float | None = None,
-              num_cpus_per_replica: float = 1.0, target_ongoing_requests: float = 2.0):
+def build_app(
+    settings: ServerSettings,
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    num_gpus_per_replica: float | None = None,
+    num_cpus_per_replica: float = 1.0,
+    target_ongoing_requests: float = 2.0,
+):
     """The Serve application (``serve.run`` it): ``replicas`` fixed, or autoscaling between
     ``min_replicas`` and ``max_replicas`` (starting at ``replicas`` if given) aiming at
     ``target_ongoing_requests`` per replica. ``num_gpus_per_replica``: default one GPU each on a
@@ -157,8 +170,11 @@ def build_app(settings: ServerSettings, replicas: int | None = None, min_replica
         high = max(low, 1) if max_replicas is None else max_replicas
         if low > high:
             raise ValueError(f"min_replicas {low} is more than max_replicas {high}")
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
-                                         "target_ongoing_requests": target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "target_ongoing_requests": target_ongoing_requests,
+        }
         if replicas is not None:
             options["autoscaling_config"]["initial_replicas"] = min(max(replicas, low), high)
     else:
@@ -229,8 +245,12 @@ def serve_forever(settings: ServerSettings, address: str | None = None, **replic
         try:
             # Serve's access log names only the route prefix of a mounted ASGI app ("POST /" for every
             # route); the app counts requests and latency per route in /metrics instead.
-            serve.run(build_app(settings, **replica_options), name=APP_NAME, route_prefix="/",
-                      logging_config={"enable_access_log": False})
+            serve.run(
+                build_app(settings, **replica_options),
+                name=APP_NAME,
+                route_prefix="/",
+                logging_config={"enable_access_log": False},
+            )
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
             url = f"http://{host}:{settings.port}"
             wait_ready(url)

@@ -53,11 +53,20 @@ class ServerState:
         if settings.checkpoint:
             checkpoints[(settings.preload or ["hiera_tiny"])[0]] = settings.checkpoint
         cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
-        self.pool = EnginePool(settings.family, settings.device, settings.dtype, checkpoints,
-                               settings.max_resident_models, settings.max_batch_size, cache, settings.compile)
+        self.pool = EnginePool(
+            settings.family,
+            settings.device,
+            settings.dtype,
+            checkpoints,
+            settings.max_resident_models,
+            settings.max_batch_size,
+            cache,
+            settings.compile,
+        )
         self.metrics = ServerMetrics(cache)
-        self.batcher = EmbedBatcher(settings.max_batch_size, settings.max_wait_ms / 1000,
-                                    self.metrics.batch_size.observe)
+        self.batcher = EmbedBatcher(
+            settings.max_batch_size, settings.max_wait_ms / 1000, self.metrics.batch_size.observe
+        )
         # image_id → embedding, and the last prompts + low-resolution logits per image (click-to-refine).
         self.by_id = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
         self.logits = EmbeddingCache(settings.cache_entries * 4, 1 << 30, size_of=lambda v: v[1].nbytes)
@@ -96,8 +105,12 @@ def _authorize(state: ServerState, request: Request, body_key: str | None) -> No
     if not expected:
         return
     auth = request.headers.get("authorization", "")
-    given = [body_key, request.query_params.get("api_key"), request.headers.get("x-api-key"),
-             auth[7:] if auth.lower().startswith("bearer ") else None]
+    given = [
+        body_key,
+        request.query_params.get("api_key"),
+        request.headers.get("x-api-key"),
+        auth[7:] if auth.lower().startswith("bearer ") else None,
+    ]
     if not any(g and hmac.compare_digest(g.encode(), expected.encode()) for g in given):
         raise Unauthorized()
 
@@ -160,8 +173,9 @@ def _with_cached_logits(prompts: list[Prompt], cached) -> list[Prompt]:
     for i, p in enumerate(prompts):
         sig = _signature(p)
         old = old_signatures[i] if i < len(old_signatures) else None
-        extends = (old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1]
-                   and sig[2][: len(old[2])] == old[2])
+        extends = (
+            old is not None and old[0] == sig[0] and sig[1][: len(old[1])] == old[1] and sig[2][: len(old[2])] == old[2]
+        )
         out.append(Prompt(p.box, p.points, p.labels, logits[i]) if extends else p)
     return out
 
@@ -169,8 +183,10 @@ def _with_cached_logits(prompts: list[Prompt], cached) -> list[Prompt]:
 def _format_predictions(masks: np.ndarray, scores: np.ndarray, fmt: str) -> list[dict]:
     if fmt == "rle":
         return [{"masks": mask_to_rle(m), "confidence": float(s), "format": "rle"} for m, s in zip(masks, scores)]
-    return [{"masks": [poly.tolist() for poly in mask_to_polygons(m)], "confidence": float(s), "format": "polygon"}
-            for m, s in zip(masks, scores)]
+    return [
+        {"masks": [poly.tolist() for poly in mask_to_polygons(m)], "confidence": float(s), "format": "polygon"}
+        for m, s in zip(masks, scores)
+    ]
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -184,8 +200,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         yield
         state.batcher.close()
 
-    app = FastAPI(title="sam2flow", version=__version__, lifespan=lifespan,
-                  description="Segment Anything 2 inference server (inference-sdk compatible API).")
+    app = FastAPI(
+        title="sam2flow",
+        version=__version__,
+        lifespan=lifespan,
+        description="Segment Anything 2 inference server (inference-sdk compatible API).",
+    )
     app.state.sam2flow = state
 
     @app.middleware("http")
@@ -219,7 +239,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def _invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(422, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
+            return _error(
+                422, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
+            )
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return _error(422, f"{where}: {message}")
@@ -236,8 +258,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def readyz():
         if state.ready.is_set():
             return {"status": "ready", "models": state.pool.resident}
-        return JSONResponse({"status": "failed" if state.load_error else "loading", "error": state.load_error},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "failed" if state.load_error else "loading", "error": state.load_error}, status_code=503
+        )
 
     @app.get("/metrics")
     async def metrics():
@@ -245,17 +268,28 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/info")
     async def info():
-        return {"name": "sam2flow", "version": __version__, "family": settings.family, "device": settings.device,
-                "dtype": settings.dtype, "models": state.pool.resident, "max_batch_size": settings.max_batch_size,
-                "max_prompts": settings.max_prompts, "url_images": settings.allow_url_images}
+        return {
+            "name": "sam2flow",
+            "version": __version__,
+            "family": settings.family,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "models": state.pool.resident,
+            "max_batch_size": settings.max_batch_size,
+            "max_prompts": settings.max_prompts,
+            "url_images": settings.allow_url_images,
+        }
 
     async def embedding_for(version: str, image_ref, image_id: str | None) -> tuple[Sam2Engine, ImageEmbedding]:
         engine = await run_in_threadpool(state.engine, version)
         if image_ref is None:
             cached = state.by_id.get((version, image_id)) if image_id else None
             if cached is None:
-                raise ValueError("no image given and no cached embedding for that image_id" if image_id
-                                 else "the request has no image")
+                raise ValueError(
+                    "no image given and no cached embedding for that image_id"
+                    if image_id
+                    else "the request has no image"
+                )
             return engine, cached
         image = await run_in_threadpool(load_wire_image, image_ref.model_dump(), "image", limits)
         emb = await asyncio.wrap_future(state.batcher.submit(engine, image))
@@ -283,8 +317,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             key = (body.sam2_version_id, emb.key)
             if body.load_logits_from_cache:
                 prompts = _with_cached_logits(prompts, state.logits.get(key))
-            result = await run_in_threadpool(engine.predict_prompts, emb, prompts, body.multimask_output,
-                                             body.max_hole_area, body.max_sprinkle_area)
+            result = await run_in_threadpool(
+                engine.predict_prompts, emb, prompts, body.multimask_output, body.max_hole_area, body.max_sprinkle_area
+            )
             masks, scores, logits = result.masks, result.scores, result.low_res_logits
             if body.save_logits_to_cache:
                 state.logits.put(key, ([_signature(p) for p in prompts], logits))
@@ -304,8 +339,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         start = time.perf_counter()
 
         def run():
-            results = serialize_outputs(run_workflow(body.specification, body.inputs, state,
-                                                     image_loader=wire_loader(limits), budget=settings.prompt_budget()))
+            results = serialize_outputs(
+                run_workflow(
+                    body.specification,
+                    body.inputs,
+                    state,
+                    image_loader=wire_loader(limits),
+                    budget=settings.prompt_budget(),
+                )
+            )
             excluded = set(body.excluded_fields or ())
             return [{k: v for k, v in r.items() if k not in excluded} for r in results]
 

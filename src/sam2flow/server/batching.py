@@ -55,8 +55,9 @@ def embed_each(engine: Engine, images: Sequence[np.ndarray]) -> list[ImageEmbedd
 
 
 class EmbedBatcher:
-    def __init__(self, max_batch_size: int = 4, max_wait_s: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self, max_batch_size: int = 4, max_wait_s: float = 0.005, on_batch: Callable[[int], None] | None = None
+    ):
         if max_batch_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size must be >= 1 and max_wait_s >= 0")
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
@@ -130,8 +131,14 @@ class BatchedEngine:
     def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[ImageEmbedding]:
         return self._batcher.embed(self._engine, list(images))
 
-    def predict_prompts(self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask_output: bool = True,
-                        max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
+    def predict_prompts(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        multimask_output: bool = True,
+        max_hole_area: int = 0,
+        max_sprinkle_area: int = 0,
+    ) -> Prediction:
         return self._engine.predict_prompts(embedding, prompts, multimask_output, max_hole_area, max_sprinkle_area)
 
     def automatic(self, embedding: ImageEmbedding, config: AutomaticConfig | None = None) -> ScoredMasks:

@@ -14,9 +14,10 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pycocotools import mask as mask_utils
 
@@ -39,7 +40,7 @@ class LabelledObject:
     prompt: dict | None = None
 
     @classmethod
-    def parse(cls, item: Any, hw: tuple[int, int], where: str) -> "LabelledObject":
+    def parse(cls, item: Any, hw: tuple[int, int], where: str) -> LabelledObject:
         """Validate one object as sent by the page; ``ValueError`` naming ``where`` otherwise."""
         if not isinstance(item, dict):
             raise ValueError(f"{where}: an object must be a JSON object")
@@ -54,9 +55,12 @@ class LabelledObject:
             raise ValueError(f"{where}.rle: size {list(mask.shape)} is not the image's {list(hw)}")
         score = item.get("score")
         prompt = item.get("prompt")
-        return cls(label.strip(), {"size": list(hw), "counts": rle["counts"]},
-                   float(score) if isinstance(score, (int, float)) else None,
-                   prompt if isinstance(prompt, dict) else None)
+        return cls(
+            label.strip(),
+            {"size": list(hw), "counts": rle["counts"]},
+            float(score) if isinstance(score, (int, float)) else None,
+            prompt if isinstance(prompt, dict) else None,
+        )
 
 
 @dataclass
@@ -86,17 +90,26 @@ def coco_document(images: Sequence[LabelledImage], labels: Sequence[str] = (), p
     """
     names = category_names(labels, images)
     ids = {name: i + 1 for i, name in enumerate(names)}
-    doc: dict[str, Any] = {"info": {"description": "sam2flow labelling page"}, "images": [], "annotations": [],
-                           "categories": [{"id": ids[n], "name": n, "supercategory": ""} for n in names]}
+    doc: dict[str, Any] = {
+        "info": {"description": "sam2flow labelling page"},
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": ids[n], "name": n, "supercategory": ""} for n in names],
+    }
     for image_id, image in enumerate(images, start=1):
         h, w = image.hw
         doc["images"].append({"id": image_id, "file_name": image.file_name, "width": w, "height": h})
         for obj in image.objects:
             compressed = {"size": [h, w], "counts": obj.rle["counts"].encode("ascii")}
-            ann = {"id": len(doc["annotations"]) + 1, "image_id": image_id, "category_id": ids[obj.label],
-                   "segmentation": {"size": [h, w], "counts": obj.rle["counts"]},
-                   "area": int(mask_utils.area(compressed)),
-                   "bbox": [float(v) for v in mask_utils.toBbox(compressed)], "iscrowd": 0}
+            ann = {
+                "id": len(doc["annotations"]) + 1,
+                "image_id": image_id,
+                "category_id": ids[obj.label],
+                "segmentation": {"size": [h, w], "counts": obj.rle["counts"]},
+                "area": int(mask_utils.area(compressed)),
+                "bbox": [float(v) for v in mask_utils.toBbox(compressed)],
+                "iscrowd": 0,
+            }
             if polygons:
                 outlines = mask_to_polygons(rle_to_mask(obj.rle))
                 ann["segmentation"] = [p.reshape(-1).astype(float).tolist() for p in outlines if len(p) >= 3]
@@ -111,15 +124,22 @@ def coco_document(images: Sequence[LabelledImage], labels: Sequence[str] = (), p
 def images_from_coco(doc: dict) -> dict[str, LabelledImage]:
     """The inverse of ``coco_document`` (RLE segmentations), keyed by file name."""
     names = {c["id"]: c["name"] for c in doc.get("categories", [])}
-    by_id = {im["id"]: LabelledImage(im["file_name"], (int(im["height"]), int(im["width"])))
-             for im in doc.get("images", [])}
+    by_id = {
+        im["id"]: LabelledImage(im["file_name"], (int(im["height"]), int(im["width"]))) for im in doc.get("images", [])
+    }
     for ann in doc.get("annotations", []):
         image = by_id[ann["image_id"]]
         seg = ann["segmentation"]
         if not isinstance(seg, dict):
             raise ValueError(f"annotation {ann.get('id')}: folder mode keeps RLE segmentations only")
-        image.objects.append(LabelledObject(names[ann["category_id"]], {"size": list(image.hw), "counts": seg["counts"]},
-                                            ann.get("score"), ann.get("sam2flow_prompt")))
+        image.objects.append(
+            LabelledObject(
+                names[ann["category_id"]],
+                {"size": list(image.hw), "counts": seg["counts"]},
+                ann.get("score"),
+                ann.get("sam2flow_prompt"),
+            )
+        )
     return {im.file_name: im for im in by_id.values()}
 
 
@@ -196,4 +216,3 @@ class FolderStore:
     def document(self) -> dict:
         with self._lock:
             return coco_document([self._images[n] for n in sorted(self._images)], self.labels)
-

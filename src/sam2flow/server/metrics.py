@@ -21,8 +21,12 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("sam2flow_requests", "HTTP requests", ["route", "status"], registry=r)
         self.latency = Histogram("sam2flow_request_seconds", "HTTP request latency", ["route"], registry=r)
-        self.batch_size = Histogram("sam2flow_embed_batch_size", "Images per embedding batch",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.batch_size = Histogram(
+            "sam2flow_embed_batch_size",
+            "Images per embedding batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
         self.model_load = Gauge("sam2flow_model_load_seconds", "Model load time", ["version"], registry=r)
         r.register(_CacheCollector(cache))
 

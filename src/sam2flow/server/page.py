@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -55,11 +56,11 @@ class DecodeRequest(BaseModel):
 
     image_id: str = Field(max_length=256)
     sam2_version_id: str = "hiera_tiny"
-    box: Optional[list[float]] = Field(default=None, min_length=4, max_length=4)
+    box: list[float] | None = Field(default=None, min_length=4, max_length=4)
     points: list[list[float]] = Field(default_factory=list, max_length=MAX_POINTS)  # [x, y, label 1|0]
     max_hole_area: int = Field(default=0, ge=0)
     max_sprinkle_area: int = Field(default=0, ge=0)
-    api_key: Optional[str] = None
+    api_key: str | None = None
 
     @field_validator("box")
     @classmethod
@@ -94,13 +95,13 @@ class DecodeRequest(BaseModel):
 class PageObject(BaseModel):
     label: str
     rle: dict
-    score: Optional[float] = None
-    prompt: Optional[dict] = None
+    score: float | None = None
+    prompt: dict | None = None
 
 
 class ObjectsBody(BaseModel):
     objects: list[PageObject] = Field(default_factory=list, max_length=10_000)
-    api_key: Optional[str] = None
+    api_key: str | None = None
 
 
 class ExportRequest(ObjectsBody):
@@ -114,7 +115,7 @@ class ExportRequest(ObjectsBody):
 class FolderEmbedRequest(BaseModel):
     name: str = Field(max_length=4096)
     sam2_version_id: str = "hiera_tiny"
-    api_key: Optional[str] = None
+    api_key: str | None = None
 
 
 def _not_found() -> JSONResponse:
@@ -132,23 +133,35 @@ def roboflow_predictions(image: LabelledImage, labels: list[str]) -> dict:
     h, w = image.hw
     names = category_names(labels, [image])
     masks = np.stack([rle_to_mask(o.rle) for o in image.objects]) if image.objects else np.zeros((0, h, w), bool)
-    xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in
-                     (mask_utils.toBbox({"size": [h, w], "counts": o.rle["counts"].encode()}) for o in image.objects)],
-                    np.float32).reshape(-1, 4)
-    dets = sv.Detections(xyxy=xyxy, mask=masks,
-                         confidence=np.array([o.score or 0.0 for o in image.objects], np.float32),
-                         class_id=np.array([names.index(o.label) for o in image.objects], int),
-                         data={"class_name": np.array([o.label for o in image.objects], dtype=object)})
+    xyxy = np.array(
+        [
+            [x, y, x + bw, y + bh]
+            for x, y, bw, bh in (
+                mask_utils.toBbox({"size": [h, w], "counts": o.rle["counts"].encode()}) for o in image.objects
+            )
+        ],
+        np.float32,
+    ).reshape(-1, 4)
+    dets = sv.Detections(
+        xyxy=xyxy,
+        mask=masks,
+        confidence=np.array([o.score or 0.0 for o in image.objects], np.float32),
+        class_id=np.array([names.index(o.label) for o in image.objects], int),
+        data={"class_name": np.array([o.label for o in image.objects], dtype=object)},
+    )
     return {"image": {"width": w, "height": h}, "predictions": detections_to_predictions(dets)}
 
 
-def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> APIRouter:
+def page_router(state, authorize: Callable[[Request, str | None], None]) -> APIRouter:
     """The page's routes for one app: ``state`` is its ``ServerState``, ``authorize`` its key check."""
     settings = state.settings
     router = APIRouter()
     logits = _logits_cache(settings)
-    folder = (FolderStore(settings.images, settings.annotations or _default_annotations(settings.images),
-                          settings.labels) if settings.images else None)
+    folder = (
+        FolderStore(settings.images, settings.annotations or _default_annotations(settings.images), settings.labels)
+        if settings.images
+        else None
+    )
     sizes: dict[str, tuple[int, int]] = {}  # folder image → (height, width), from its decode
     default_version = (settings.preload or ["hiera_tiny"])[0]
 
@@ -164,9 +177,14 @@ def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> A
 
     @router.get("/page/config")
     async def config():
-        return {"auth": bool(settings.api_key), "labels": settings.labels, "folder": folder is not None,
-                "version": default_version, "max_body_bytes": settings.max_body_bytes,
-                "max_image_pixels": settings.max_image_pixels}
+        return {
+            "auth": bool(settings.api_key),
+            "labels": settings.labels,
+            "folder": folder is not None,
+            "version": default_version,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+        }
 
     @router.post("/page/decode")
     async def decode(body: DecodeRequest, request: Request):
@@ -182,8 +200,9 @@ def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> A
         previous = logits.get((*key, body.signature(len(body.points) - 1))) if body.points else None
 
         def run():
-            result = engine.predict_prompts(emb, [body.prompt(previous)], body.multimask_output,
-                                            body.max_hole_area, body.max_sprinkle_area)
+            result = engine.predict_prompts(
+                emb, [body.prompt(previous)], body.multimask_output, body.max_hole_area, body.max_sprinkle_area
+            )
             logits.put((*key, body.signature()), result.low_res_logits[0])
             rle = mask_to_rle(result.masks[0])
             x, y, w, h = mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()})
@@ -196,8 +215,9 @@ def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> A
     @router.post("/page/export")
     async def export(body: ExportRequest, request: Request):
         authorize(request, body.api_key)
-        image = LabelledImage(body.file_name, (body.height, body.width), _parse_objects(body.objects,
-                                                                                        (body.height, body.width)))
+        image = LabelledImage(
+            body.file_name, (body.height, body.width), _parse_objects(body.objects, (body.height, body.width))
+        )
         if body.format == "roboflow":
             return await run_in_threadpool(roboflow_predictions, image, body.labels)
         return await run_in_threadpool(coco_document, [image], body.labels, body.format == "coco-polygons")
@@ -210,8 +230,11 @@ def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> A
         authorize(request, None)
         counts = folder.counts()
         names = await run_in_threadpool(folder.names)
-        return {"images": [{"name": n, "objects": counts.get(n, 0), "saved": n in counts} for n in names],
-                "labels": folder.labels, "annotations": str(folder.path)}
+        return {
+            "images": [{"name": n, "objects": counts.get(n, 0), "saved": n in counts} for n in names],
+            "labels": folder.labels,
+            "annotations": str(folder.path),
+        }
 
     @router.get("/page/folder/file/{name:path}")
     async def folder_file(name: str, request: Request):
@@ -232,8 +255,12 @@ def page_router(state, authorize: Callable[[Request, Optional[str]], None]) -> A
         image_id = emb.key.split("|")[-1]
         state.by_id.put((body.sam2_version_id, image_id), emb)
         sizes[body.name] = image.shape[:2]
-        return {"image_id": image_id, "width": image.shape[1], "height": image.shape[0],
-                "time": time.perf_counter() - start}
+        return {
+            "image_id": image_id,
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "time": time.perf_counter() - start,
+        }
 
     @router.get("/page/folder/objects/{name:path}")
     async def folder_objects(name: str, request: Request):

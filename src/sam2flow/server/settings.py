@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -54,8 +54,14 @@ class ServerSettings(BaseSettings):
 
     def image_limits(self) -> ImageLimits:
         """What a request's images may be (``sam2flow.images``: accepted forms, pixels, URLs)."""
-        return ImageLimits(self.max_image_pixels, self.min_image_side, self.allow_url_images, self.url_max_bytes,
-                           self.url_timeout_s, tuple(self.url_hosts))
+        return ImageLimits(
+            self.max_image_pixels,
+            self.min_image_side,
+            self.allow_url_images,
+            self.url_max_bytes,
+            self.url_timeout_s,
+            tuple(self.url_hosts),
+        )
 
     def prompt_budget(self) -> PromptBudget:
         """A fresh count for one request."""

@@ -20,6 +20,15 @@ from .fixture import (
 from .scenes import Scene, make_scene, mask_to_box
 
 __all__ = [
-    "FIXTURE_SEED", "FixtureError", "Scene", "encoder_state", "fixture_model", "full_state_dict", "load_trained",
-    "make_scene", "mask_to_box", "write_checkpoint", "write_hf_directory",
+    "FIXTURE_SEED",
+    "FixtureError",
+    "Scene",
+    "encoder_state",
+    "fixture_model",
+    "full_state_dict",
+    "load_trained",
+    "make_scene",
+    "mask_to_box",
+    "write_checkpoint",
+    "write_hf_directory",
 ]

@@ -25,11 +25,18 @@ DEMO_DEFINITION = {
         {"type": "WorkflowBatchInput", "name": "detections", "kind": ["object_detection_prediction"]},
     ],
     "steps": [
-        {"type": "roboflow_core/segment_anything@v1", "name": "sam", "images": "$inputs.image",
-         "boxes": "$inputs.detections", "version": "hiera_tiny", "multimask_output": True,
-         # Meta's post-processing, in low-resolution pixels (~75 image pixels at 480 x 640): a stray
-         # speck far from its shape would otherwise stretch the mask's box over half the image
-         "max_hole_area": 16, "max_sprinkle_area": 16},
+        {
+            "type": "roboflow_core/segment_anything@v1",
+            "name": "sam",
+            "images": "$inputs.image",
+            "boxes": "$inputs.detections",
+            "version": "hiera_tiny",
+            "multimask_output": True,
+            # Meta's post-processing, in low-resolution pixels (~75 image pixels at 480 x 640): a stray
+            # speck far from its shape would otherwise stretch the mask's box over half the image
+            "max_hole_area": 16,
+            "max_sprinkle_area": 16,
+        },
     ],
     "outputs": [{"type": "JsonField", "name": "predictions", "selector": "$steps.sam.predictions"}],
 }

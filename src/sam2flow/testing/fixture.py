@@ -152,8 +152,9 @@ def load_trained(path: str | os.PathLike | None = None) -> dict[str, torch.Tenso
 def _check_trained(trained: dict[str, torch.Tensor]) -> None:
     problems = key_problems({k: s for k, s, _ in decoder_layout()}, trained, show=5)
     if problems:
-        raise FixtureError("trained fixture weights do not fit the prompt encoder + mask decoder: "
-                           + "; ".join(problems))
+        raise FixtureError(
+            "trained fixture weights do not fit the prompt encoder + mask decoder: " + "; ".join(problems)
+        )
 
 
 def full_state_dict(
@@ -173,7 +174,9 @@ def full_state_dict(
 
 
 def write_checkpoint(
-    path: str | os.PathLike, family: str = "sam2.1", trained: dict[str, torch.Tensor] | None = None,
+    path: str | os.PathLike,
+    family: str = "sam2.1",
+    trained: dict[str, torch.Tensor] | None = None,
     seed: int = FIXTURE_SEED,
 ) -> Path:
     """Write the full original-layout checkpoint ``{"model": state_dict}`` to ``path``."""
@@ -202,7 +205,9 @@ def fixture_model(family: str = "sam2.1", trained: dict[str, torch.Tensor] | Non
 
 
 def write_hf_directory(
-    path: str | os.PathLike, family: str = "sam2.1", trained: dict[str, torch.Tensor] | None = None,
+    path: str | os.PathLike,
+    family: str = "sam2.1",
+    trained: dict[str, torch.Tensor] | None = None,
     seed: int = FIXTURE_SEED,
 ) -> Path:
     """Write the fixture as a Hugging Face directory (``config.json`` + ``model.safetensors``).

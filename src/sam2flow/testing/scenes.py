@@ -173,5 +173,12 @@ def make_scene(
     kept_index.reverse()
     masks = np.stack(visible) if visible else np.zeros((0, h, w), bool)
     boxes = np.stack([mask_to_box(m) for m in masks]) if visible else np.zeros((0, 4), np.float32)
-    return Scene(image=image, masks=masks, boxes=boxes, kinds=tuple(kept_kinds), seed=int(seed),
-                 shapes=np.stack(rasters), shape_index=np.asarray(kept_index, np.int64))
+    return Scene(
+        image=image,
+        masks=masks,
+        boxes=boxes,
+        kinds=tuple(kept_kinds),
+        seed=int(seed),
+        shapes=np.stack(rasters),
+        shape_index=np.asarray(kept_index, np.int64),
+    )

@@ -26,8 +26,12 @@ from .step import DETECTION_KINDS, IMAGE_KIND, INPUT_SELECTOR, STEP_SELECTOR, ST
 IMAGE_INPUTS = ("WorkflowImage", "InferenceImage")
 PARAMETER_INPUTS = ("WorkflowParameter", "InferenceParameter")
 BATCH_INPUTS = ("WorkflowBatchInput",)
-PARAMETER_KINDS = {"version": ("string",), "threshold": ("float", "float_zero_to_one", "integer"),
-                   "multimask_output": ("boolean",), "use_keypoints_as_points": ("boolean",)}
+PARAMETER_KINDS = {
+    "version": ("string",),
+    "threshold": ("float", "float_zero_to_one", "integer"),
+    "multimask_output": ("boolean",),
+    "use_keypoints_as_points": ("boolean",),
+}
 
 
 class WorkflowDefinitionError(ValueError):
@@ -71,13 +75,15 @@ def _parse_inputs(items: Any) -> dict[str, InputSpec]:
             inputs[name] = InputSpec(name, "image", (IMAGE_KIND,))
         elif kind in PARAMETER_INPUTS:
             kinds = item.get("kind") or ()
-            inputs[name] = InputSpec(name, "parameter", tuple(_kind_names(kinds, where)), item.get("default_value"),
-                                     "default_value" in item)
+            inputs[name] = InputSpec(
+                name, "parameter", tuple(_kind_names(kinds, where)), item.get("default_value"), "default_value" in item
+            )
         elif kind in BATCH_INPUTS:
             inputs[name] = InputSpec(name, "batch", tuple(_kind_names(item.get("kind") or (), where)))
         else:
-            _fail(where,
-                  f"unknown input type {kind!r} (expected WorkflowImage, WorkflowParameter or WorkflowBatchInput)")
+            _fail(
+                where, f"unknown input type {kind!r} (expected WorkflowImage, WorkflowParameter or WorkflowBatchInput)"
+            )
     return inputs
 
 
@@ -120,8 +126,10 @@ _EXPECTED = {
 
 def _order(steps: dict[str, SegmentAnything2Manifest]) -> list[SegmentAnything2Manifest]:
     """Steps in dependency order; a cycle is an error naming a step on it."""
-    deps = {n: {m.group(1) for sel in (s.images, s.boxes) if sel and (m := STEP_SELECTOR.match(sel))}
-            for n, s in steps.items()}
+    deps = {
+        n: {m.group(1) for sel in (s.images, s.boxes) if sel and (m := STEP_SELECTOR.match(sel))}
+        for n, s in steps.items()
+    }
     done: list[str] = []
     visiting: set[str] = set()
 

@@ -65,8 +65,9 @@ def _prompt_json(p: Prompt) -> dict:
         x1, y1, x2, y2 = (float(v) for v in p.box)
         out["box"] = {"x": (x1 + x2) / 2, "y": (y1 + y2) / 2, "width": x2 - x1, "height": y2 - y1}
     if p.points is not None:
-        out["points"] = [{"x": float(x), "y": float(y), "positive": bool(lab)}
-                         for (x, y), lab in zip(p.points, p.labels)]
+        out["points"] = [
+            {"x": float(x), "y": float(y), "positive": bool(lab)} for (x, y), lab in zip(p.points, p.labels)
+        ]
     return out
 
 
@@ -76,8 +77,15 @@ class RemoteEngine:
     server keeps its own), mask prompts cannot be sent, ``automatic`` takes no config (the server's
     settings apply) and returns ``RemoteMasks``."""
 
-    def __init__(self, api_url: str, version: str, api_key: str | None = None, timeout_s: float = 120.0,
-                 retries: int = 3, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        api_url: str,
+        version: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
         self.api_url = api_url.rstrip("/")
         self.version, self.api_key = version, api_key
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -86,12 +94,19 @@ class RemoteEngine:
     def embed(self, images: Sequence[np.ndarray]) -> list[RemoteImage]:
         return [RemoteImage(im) for im in images]
 
-    def predict_prompts(self, embedding: RemoteImage, prompts: Sequence[Prompt], multimask_output: bool = True,
-                        max_hole_area: int = 0, max_sprinkle_area: int = 0) -> Prediction:
+    def predict_prompts(
+        self,
+        embedding: RemoteImage,
+        prompts: Sequence[Prompt],
+        multimask_output: bool = True,
+        max_hole_area: int = 0,
+        max_sprinkle_area: int = 0,
+    ) -> Prediction:
         h, w = embedding.original_size
         if not prompts:
-            return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32),
-                              np.zeros((0, LOW_RES, LOW_RES), np.float32))
+            return Prediction(
+                np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros((0, LOW_RES, LOW_RES), np.float32)
+            )
         cleanup = {"max_hole_area": max_hole_area, "max_sprinkle_area": max_sprinkle_area}
         masks, scores = self._segment(embedding.image, [_prompt_json(p) for p in prompts], multimask_output, cleanup)
         # The server keeps its low-resolution logits; remote results carry none.
@@ -103,10 +118,16 @@ class RemoteEngine:
         masks, scores = self._segment(embedding.image, None, True)
         return RemoteMasks(masks, scores)
 
-    def _segment(self, image: np.ndarray, prompts: list | None, multimask: bool,
-                 cleanup: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        body = {"image": {"type": "base64", "value": _png_base64(image)}, "sam2_version_id": self.version,
-                "multimask_output": multimask, "format": "rle", **{k: v for k, v in (cleanup or {}).items() if v}}
+    def _segment(
+        self, image: np.ndarray, prompts: list | None, multimask: bool, cleanup: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        body = {
+            "image": {"type": "base64", "value": _png_base64(image)},
+            "sam2_version_id": self.version,
+            "multimask_output": multimask,
+            "format": "rle",
+            **{k: v for k, v in (cleanup or {}).items() if v},
+        }
         if prompts is not None:
             body["prompts"] = prompts
         payload = self._post("/sam2/segment_image", body)

@@ -63,8 +63,11 @@ def run_workflow(
     unknown = sorted(set(inputs) - set(d.inputs))
     if unknown:
         raise ValueError(f"unknown workflow input(s): {', '.join(unknown)} (the definition has {', '.join(d.inputs)})")
-    images = {n: image_batch(_required(inputs, n), f"input {n!r}", image_loader)
-              for n, s in d.inputs.items() if s.type == "image"}
+    images = {
+        n: image_batch(_required(inputs, n), f"input {n!r}", image_loader)
+        for n, s in d.inputs.items()
+        if s.type == "image"
+    }
     batch = {len(v) for v in images.values()}
     if len(batch) > 1:
         raise ValueError(f"image inputs have different batch sizes: {sorted(batch)}")
@@ -74,8 +77,11 @@ def run_workflow(
     for n, s in d.inputs.items():
         if s.type == "parameter" and n not in inputs and not s.has_default:
             raise ValueError(f"input {n!r} is required (the parameter has no default_value)")
-    detections = {n: detections_batch(_required(inputs, n), sizes, f"input {n!r}")
-                  for n, s in d.inputs.items() if s.type == "batch"}
+    detections = {
+        n: detections_batch(_required(inputs, n), sizes, f"input {n!r}")
+        for n, s in d.inputs.items()
+        if s.type == "batch"
+    }
 
     budget = budget or PromptBudget()
     for step in d.steps:  # every prompt bound from the inputs, before any model work
@@ -84,8 +90,10 @@ def run_workflow(
 
     results: dict[str, list[sv.Detections]] = {}
     for step in d.steps:
-        values = {k: params[INPUT_SELECTOR.match(v).group(1)] if isinstance(v, str) and v.startswith("$") else v
-                  for k, v in step.parameters().items()}
+        values = {
+            k: params[INPUT_SELECTOR.match(v).group(1)] if isinstance(v, str) and v.startswith("$") else v
+            for k, v in step.parameters().items()
+        }
         try:
             p = StepParameters(**values)
         except ValueError as e:
@@ -99,13 +107,15 @@ def run_workflow(
             else:
                 boxes = results[STEP_SELECTOR.match(step.boxes).group(1)]
                 budget.take([len(x) for x in boxes], f"step {step.name!r}")
-        results[step.name] = segment_images(pool.get(p.version), images[name], [name] * size, boxes, p,
-                                            automatic_config)
+        results[step.name] = segment_images(
+            pool.get(p.version), images[name], [name] * size, boxes, p, automatic_config
+        )
     return [{out: _select(sel, i, inputs, params, results) for out, sel in d.outputs} for i in range(size)]
 
 
-def _engines_for(execution: str | None, api_url: str | None, api_key: str | None,
-                 engines: EngineProvider | Sam2Engine | None) -> EngineProvider | Sam2Engine | None:
+def _engines_for(
+    execution: str | None, api_url: str | None, api_key: str | None, engines: EngineProvider | Sam2Engine | None
+) -> EngineProvider | Sam2Engine | None:
     remote_url = api_url or os.environ.get("SAM2FLOW_REMOTE_URL")
     execution = execution or ("remote" if remote_url and engines is None else "local")
     if execution == "local":

@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal, Optional, Union
 import numpy as np
 import supervision as sv
 from pydantic import (
-    AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints, field_validator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    field_validator,
 )
 
 from ..detections import attach_image_metadata, keypoint_clicks, masks_to_detections, prompt_fields
@@ -61,8 +69,15 @@ class SegmentAnything2Manifest(BaseModel):
     max_hole_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
     max_sprinkle_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
 
-    @field_validator("version", "threshold", "multimask_output", "use_keypoints_as_points", "max_hole_area",
-                     "max_sprinkle_area", mode="before")
+    @field_validator(
+        "version",
+        "threshold",
+        "multimask_output",
+        "use_keypoints_as_points",
+        "max_hole_area",
+        "max_sprinkle_area",
+        mode="before",
+    )
     @classmethod
     def _selector_or_literal(cls, value):
         return _parameter(value)
@@ -79,8 +94,17 @@ class SegmentAnything2Manifest(BaseModel):
         return {"predictions": OUTPUT_KIND}
 
     def parameters(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("version", "threshold", "multimask_output", "use_keypoints_as_points",
-                                              "max_hole_area", "max_sprinkle_area")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "version",
+                "threshold",
+                "multimask_output",
+                "use_keypoints_as_points",
+                "max_hole_area",
+                "max_sprinkle_area",
+            )
+        }
 
 
 @dataclass(frozen=True)
@@ -138,10 +162,16 @@ def segment_images(
         else:
             prompts = prompts_for(boxes[i], params.use_keypoints_as_points)
             class_ids, class_names, parent_ids = prompt_fields(boxes[i])
-            result = engine.predict_prompts(emb, prompts, multimask_output=params.multimask_output,
-                                            max_hole_area=params.max_hole_area,
-                                            max_sprinkle_area=params.max_sprinkle_area)
-            dets = masks_to_detections(result.masks, result.scores, class_ids, class_names, parent_ids, params.threshold)
+            result = engine.predict_prompts(
+                emb,
+                prompts,
+                multimask_output=params.multimask_output,
+                max_hole_area=params.max_hole_area,
+                max_sprinkle_area=params.max_sprinkle_area,
+            )
+            dets = masks_to_detections(
+                result.masks, result.scores, class_ids, class_names, parent_ids, params.threshold
+            )
         out.append(attach_image_metadata(dets, image.shape[:2], image_ids[i]))
     return out
 
@@ -152,5 +182,6 @@ def _automatic(
     result = engine.automatic(emb, config)
     order = np.argsort(-result.scores, kind="stable")  # class ids follow decreasing score
     ids = list(range(len(order)))
-    return masks_to_detections(result.masks[order], result.scores[order], ids, [str(i) for i in ids],
-                                None, params.threshold)
+    return masks_to_detections(
+        result.masks[order], result.scores[order], ids, [str(i) for i in ids], None, params.threshold
+    )
