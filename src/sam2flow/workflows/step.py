@@ -38,6 +38,15 @@ STEP_SELECTOR = re.compile(r"^\$steps\.([A-Za-z_][\w-]*)\.([A-Za-z_][\w-]*|\*)$"
 IMAGE_KIND = "image"
 DETECTION_KINDS = ("object_detection_prediction", "instance_segmentation_prediction", "keypoint_detection_prediction")
 OUTPUT_KIND = "instance_segmentation_prediction"
+# The step's parameters: each a literal or a $inputs selector in the manifest, resolved into StepParameters.
+PARAMETERS = (
+    "version",
+    "threshold",
+    "multimask_output",
+    "use_keypoints_as_points",
+    "max_hole_area",
+    "max_sprinkle_area",
+)
 
 
 # ``$inputs.<name>``: a workflow parameter bound at run time.
@@ -69,15 +78,7 @@ class SegmentAnything2Manifest(BaseModel):
     max_hole_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
     max_sprinkle_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
 
-    @field_validator(
-        "version",
-        "threshold",
-        "multimask_output",
-        "use_keypoints_as_points",
-        "max_hole_area",
-        "max_sprinkle_area",
-        mode="before",
-    )
+    @field_validator(*PARAMETERS, mode="before")
     @classmethod
     def _selector_or_literal(cls, value):
         return _parameter(value)
@@ -94,17 +95,7 @@ class SegmentAnything2Manifest(BaseModel):
         return {"predictions": OUTPUT_KIND}
 
     def parameters(self) -> dict[str, object]:
-        return {
-            k: getattr(self, k)
-            for k in (
-                "version",
-                "threshold",
-                "multimask_output",
-                "use_keypoints_as_points",
-                "max_hole_area",
-                "max_sprinkle_area",
-            )
-        }
+        return {k: getattr(self, k) for k in PARAMETERS}
 
 
 @dataclass(frozen=True)
