@@ -64,6 +64,11 @@ class DecodeFirst:
                 self._running -= 1
                 self._idle.notify_all()
 
+    def __reduce__(self):
+        # The hooks live on the model: a copied or pickled model gets a fresh, idle gate of its own
+        # (a Condition cannot be copied, and the copy must not wait for this engine's decodes).
+        return (DecodeFirst, ())
+
     def wait(self, *_) -> None:
         with self._idle:
             self.paused += 1
