@@ -164,7 +164,7 @@ class Sam2Engine:
         family: str = "sam2.1",
         checkpoint: str | None = None,
         **kwargs,
-    ) -> "Sam2Engine":
+    ) -> Sam2Engine:
         """Find and load weights (see ``sam2flow.models.weights.load_model``) and build an engine."""
         model, spec = load_model(version, family, checkpoint)
         return cls(model, spec, **kwargs)

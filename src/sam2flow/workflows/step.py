@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import supervision as sv
@@ -70,13 +70,13 @@ class SegmentAnything2Manifest(BaseModel):
     name: str = Field(min_length=1)
     type: Literal["roboflow_core/segment_anything@v1"]
     images: str = Field(validation_alias=AliasChoices("images", "image"))
-    boxes: Optional[str] = None
-    version: Union[InputSelector, Version] = "hiera_tiny"
-    threshold: Union[InputSelector, StrictFloat, StrictInt] = 0.0
-    multimask_output: Union[InputSelector, StrictBool] = True
-    use_keypoints_as_points: Union[InputSelector, StrictBool] = False
-    max_hole_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
-    max_sprinkle_area: Union[InputSelector, Annotated[StrictInt, Field(ge=0)]] = 0
+    boxes: str | None = None
+    version: InputSelector | Version = "hiera_tiny"
+    threshold: InputSelector | StrictFloat | StrictInt = 0.0
+    multimask_output: InputSelector | StrictBool = True
+    use_keypoints_as_points: InputSelector | StrictBool = False
+    max_hole_area: InputSelector | Annotated[StrictInt, Field(ge=0)] = 0
+    max_sprinkle_area: InputSelector | Annotated[StrictInt, Field(ge=0)] = 0
 
     @field_validator(*PARAMETERS, mode="before")
     @classmethod
