@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     )
     bat.add_argument("--out", type=Path, required=True, help="output .jsonl (appended; re-runs skip done files)")
     bat.add_argument("--format", choices=("rle", "polygon"), default="rle")
-    bat.add_argument("--batch-size", type=int, default=4, help="images embedded together")
+    bat.add_argument("--batch-size", type=int, help="images embedded together (default 1 on a CPU, 4 on GPUs)")
     bat.add_argument("--threshold", type=float, default=0.0)
     bat.add_argument("--single-mask", action="store_true")
     add_cleanup_args(bat)
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..engine.automatic import AutomaticConfig
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     config = AutomaticConfig(points_per_side=args.points_per_side)
     if args.ray:
@@ -63,6 +63,7 @@ def run(args) -> int:
         dtype=args.dtype,
         max_batch_size=args.batch_size,
         compile=args.compile,
+        backend=args.backend,
     )
     summary = run_batch(
         engine,
@@ -70,7 +71,7 @@ def run(args) -> int:
         args.out,
         args.boxes,
         args.format,
-        args.batch_size,
+        engine.max_batch_size,
         step_parameters(args),
         automatic_config=config,
     )
@@ -81,6 +82,7 @@ def _run_ray(args, config) -> int:
     from ..scale.ray_common import require_ray
 
     require_ray()  # before any work: without Ray this is the one line the user sees
+    from ..engine.engine import default_batch_size
     from ..scale.ray_batch import run_ray_batch
 
     if args.out.suffix not in (".jsonl", ".parquet"):
@@ -93,6 +95,7 @@ def _run_ray(args, config) -> int:
         "dtype": args.dtype,
         "max_batch_size": args.batch_size,
         "compile": args.compile,
+        "backend": args.backend,
     }
     summary = run_ray_batch(
         args.input,
@@ -100,7 +103,7 @@ def _run_ray(args, config) -> int:
         engine_args,
         args.boxes,
         args.format,
-        args.batch_size,
+        args.batch_size or default_batch_size(args.device),
         step_parameters(args),
         config,
         args.ray_address,

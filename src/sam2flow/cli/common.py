@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..engine.encoders import BACKENDS
 from ..engine.precision import DTYPE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
 
@@ -49,7 +50,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="image encoder precision; auto (default): bfloat16 where the hardware has it, "
         "float32 gives the reference's masks",
     )
+    add_backend_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
+
+
+def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument(
+        "--backend",
+        default=default,
+        choices=BACKENDS,
+        help="image encoder runtime; auto (default): OpenVINO on a CPU where it is installed "
+        "(or $SAM2FLOW_BACKEND), torch on GPUs",
+    )
 
 
 def add_cleanup_args(p: argparse.ArgumentParser) -> None:

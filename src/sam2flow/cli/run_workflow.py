@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..engine.precision import DTYPE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES
+from .common import add_backend_arg
 
 
 def add_parser(sub) -> None:
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
         choices=DTYPE_CHOICES,
         help="image encoder precision; auto: bfloat16 where the hardware has it (default)",
     )
+    add_backend_arg(run_)
     run_.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run_.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     run_.add_argument(
@@ -89,7 +91,8 @@ def run(args) -> int:
     if args.remote or os.environ.get("SAM2FLOW_REMOTE_URL"):
         results = run_workflow(definition, inputs, execution="remote", api_url=args.remote)
     else:
-        results = run_workflow(definition, inputs, EnginePool(args.family, args.device, args.dtype, checkpoints))
+        pool = EnginePool(args.family, args.device, args.dtype, checkpoints, backend=args.backend)
+        results = run_workflow(definition, inputs, pool)
     text = json.dumps(serialize_outputs(results, "rle" if args.format == "rle" else "polygon"))
     if args.out:
         args.out.write_text(text + "\n")

@@ -107,7 +107,13 @@ def run(args) -> int:
     h, w = image.shape[:2]
     prompts, class_ids, class_names, parents = _prompts(args, (h, w))
     engine = Sam2Engine.from_pretrained(
-        args.version, args.family, args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile
+        args.version,
+        args.family,
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        backend=args.backend,
     )
     result = engine.predict_prompts(
         engine.embed([image])[0],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..engine.precision import DTYPE_CHOICES
 from ..models.registry import FAMILIES, VERSIONS
-from .common import for_remote_workers
+from .common import add_backend_arg, for_remote_workers
 
 
 def add_parser(sub) -> None:
@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
     srv.add_argument("--port", type=int, help="default 9001 (SAM2FLOW_PORT)")
     srv.add_argument("--device", help="auto, cpu, cuda, mps (SAM2FLOW_DEVICE)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES, help="encoder precision, default auto (SAM2FLOW_DTYPE)")
+    add_backend_arg(srv, default=None)
     srv.add_argument(
         "--compile",
         action="store_true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 import weakref
@@ -17,12 +18,23 @@ from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .decoder import decode
+from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 from .types import LOW_RES, ImageEmbedding, Prediction  # declared there, importable from here as before
 
 DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
+CPU_BATCH, ACCELERATOR_BATCH = 1, 4  # images per encoder run by default: on a CPU one at a time is fastest
+
+
+def default_batch_size(device: str | torch.device) -> int:
+    """Images per encoder run where none is set: 1 on a CPU (batches are slower per image there:
+    1.3-1.4x at 4, measured with torch and with Meta's ``set_image_batch``), 4 on accelerators."""
+    return CPU_BATCH if pick_device(device).type == "cpu" else ACCELERATOR_BATCH
+
+
+log = logging.getLogger(__name__)
 
 
 def weights_fingerprint(model) -> str:
@@ -90,6 +102,12 @@ class Sam2Engine:
     transformers' decoder as is (the reference package's arithmetic). ``compile=True``
     compiles the image encoder with ``torch.compile`` at construction (minutes on a CPU; the time
     is kept in ``compile_seconds``); it pays off for long-running servers and batch jobs.
+
+    ``backend`` runs the image encoder: ``"torch"``, ``"openvino"`` (CPU; ``engine/openvino_encoder.py``)
+    or ``"auto"`` (``$SAM2FLOW_BACKEND`` if set, else OpenVINO on a CPU where it is installed, torch
+    elsewhere and with ``compile=True``). If OpenVINO cannot convert or compile the encoder, the engine
+    logs one line and runs torch; ``backend`` then says what runs. ``max_batch_size`` (images per
+    encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
     """
 
     def __init__(
@@ -98,64 +116,80 @@ class Sam2Engine:
         spec: ModelSpec,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
-        max_batch_size: int = 4,
+        max_batch_size: int | None = None,
         cache: EmbeddingCache | None = None,
         fused_decoder: bool = True,
         compile: bool = False,
+        backend: str = "auto",
     ):
-        if max_batch_size < 1:
+        if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.spec = spec
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
+        self.backend = resolve_backend(backend, self.device)
+        if compile and self.backend == "openvino":
+            if backend == "openvino":
+                raise ValueError("compile=True compiles the torch encoder: use backend='torch' (or 'auto') with it")
+            self.backend = "torch"
+        self.max_batch_size = max_batch_size or default_batch_size(self.device)
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
         # The engine converts the model in place (no copy of a large network): a second engine
         # on the same object with another dtype or device would silently change the first one.
-        placed = (str(self.device), str(self.dtype))
+        placed = (str(self.device), str(self.dtype), self.backend)
         owner_id, owner, owner_placed = getattr(model, "_sam2flow_owner", (None, lambda: None, None))
         # A deepcopy carries the attribute along: it counts only on the object it was set on.
         if owner_id == id(model) and owner() is not None and owner_placed != placed:
             raise ValueError(
                 f"this model object already serves an engine on {owner_placed[0]} with a "
-                f"{owner_placed[1]} encoder; converting it to {placed[0]}/{placed[1]} would change "
-                f"that engine too: pass copy.deepcopy(model), or the same device and dtype"
+                f"{owner_placed[1]} encoder ({owner_placed[2]}); converting it to {'/'.join(placed)} would "
+                f"change that engine too: pass copy.deepcopy(model), or the same device, dtype and backend"
             )
         self.model = model.eval().to(self.device, torch.float32)
-        self.model.vision_encoder.to(self.dtype)
         self.model._sam2flow_owner = (id(model), weakref.ref(self), placed)
         streamline_encoder(self.model)
         self.input_size = int(model.config.prompt_encoder_config.image_size)
-        self._encoder = self.model.vision_encoder
         self.compile_seconds: float | None = None
-        if compile:
-            self._compile_encoder()
-        with torch.inference_mode():
-            self._image_pe = self.model.get_image_wide_positional_embeddings()
-        # Cache keys name the weights, not only the size: engines with different checkpoints
-        # (a fine-tuned one, say) or devices may share one cache without mixing embeddings.
-        self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{weights_fingerprint(self.model)}"
+        # Cache keys name the weights (float32, before any conversion), backend and precision, not only
+        # the size: engines with other checkpoints (a fine-tuned one, say) or devices may share one
+        # cache without mixing embeddings.
+        fingerprint = weights_fingerprint(self.model)
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
-        # encoder pauses before its next trunk block while any decode runs (``DecodeFirst``).
+        # encoder pauses at its next trunk block (or OpenVINO piece) while any decode runs (``DecodeFirst``).
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_first = DecodeFirst()
+        self.encoder: ImageEncoder = self._make_encoder(fingerprint, compile)
+        self._model_id = f"{spec.name}|{self.backend}|{self.dtype}|{self.device}|{fingerprint}"
+        with torch.inference_mode():
+            self._image_pe = self.model.get_image_wide_positional_embeddings()
+
+    def _make_encoder(self, fingerprint: str, compile: bool) -> ImageEncoder:
+        side = ImageSide(self.model)
+        if self.backend == "openvino":
+            from .openvino_encoder import OpenVINOEncoder, OpenVINOError
+
+            try:
+                return OpenVINOEncoder(side, self.dtype, self.input_size, fingerprint, self._decode_first.wait)
+            except OpenVINOError as e:
+                log.warning("OpenVINO image encoder unavailable, running torch instead: %s", e)
+                self.backend = "torch"
+        self.model.vision_encoder.to(self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
             for block in self.model.vision_encoder.backbone.blocks:
                 block.register_forward_pre_hook(self._decode_first.wait)
-
-    def _compile_encoder(self) -> None:
-        """``torch.compile`` the image encoder and warm it up on one blank image (timed in
-        ``compile_seconds``); each new batch size compiles once more on first use."""
+            return TorchEncoder(side, self.dtype)
+        # torch.compile, warmed up on one blank image (timed in ``compile_seconds``); each new batch
+        # size compiles once more on first use.
         start = time.perf_counter()
-        self._encoder = torch.compile(self.model.vision_encoder, dynamic=False)
-        blank = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device, dtype=self.dtype)
-        with torch.inference_mode():
-            self._encoder(blank)
+        encoder = TorchEncoder(side, self.dtype, compiled=True)
+        encoder(torch.zeros(1, 3, self.input_size, self.input_size, device=self.device, dtype=self.dtype))
+        encoder.runs = 0
         self.compile_seconds = time.perf_counter() - start
+        return encoder
 
     @classmethod
     def from_pretrained(
@@ -198,12 +232,8 @@ class Sam2Engine:
 
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
         with self._lock, torch.inference_mode():
-            pixels = T.preprocess(images, self.input_size, self.device, self.dtype)
-            fpn = self._encoder(pixels).fpn_hidden_states  # high → low resolution
-            decoder = self.model.mask_decoder
-            s0 = decoder.conv_s0(fpn[0].float())
-            s1 = decoder.conv_s1(fpn[1].float())
-            embed = fpn[2].float() + self.model.no_memory_embedding.view(1, -1, 1, 1)
+            pixels = T.preprocess(images, self.input_size, self.device, self.encoder.input_dtype)
+            embed, s0, s1 = self.encoder(pixels)
         return [
             ImageEmbedding(embed[i].clone(), (s0[i].clone(), s1[i].clone()), im.shape[:2], k)
             for i, (k, im) in enumerate(zip(keys, images))

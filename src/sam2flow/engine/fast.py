@@ -15,18 +15,23 @@ import torch.nn.functional as F
 
 
 def _hiera_attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Multi-scale attention of one Hiera block: (B, H, W, C) → (B, H', W', C_out)."""
+    """Multi-scale attention of one Hiera block: (B, H, W, C) → (B, H', W', C_out).
+
+    q, k and v come out of one permute to (3, B, heads, H·W, d), and query pooling runs on
+    (B, H, W, heads·d) channels: the same values as transformers' unbind/transpose, in a layout
+    OpenVINO's converter also reads right (2026.4 mis-converted the unbind + per-tensor transposes).
+    """
     b, h, w, _ = hidden_states.shape
-    qkv = self.qkv(hidden_states).reshape(b, h * w, 3, self.num_attention_heads, -1)
-    query, key, value = torch.unbind(qkv, 2)
+    heads = self.num_attention_heads
+    qkv = self.qkv(hidden_states).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv[0], qkv[1], qkv[2]  # (B, heads, H·W, d)
     if self.query_stride:  # query pooling at stage changes
-        pooled = F.max_pool2d(query.reshape(b, h, w, -1).permute(0, 3, 1, 2), self.query_stride, self.query_stride)
-        query = pooled.permute(0, 2, 3, 1)
-        h, w = query.shape[1:3]
-        query = query.reshape(b, h * w, self.num_attention_heads, -1)
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=self.scale
-    )
+        d = query.shape[-1]
+        grid = query.transpose(1, 2).reshape(b, h, w, heads * d).permute(0, 3, 1, 2)
+        pooled = F.max_pool2d(grid, self.query_stride, self.query_stride)
+        h, w = pooled.shape[2:]
+        query = pooled.reshape(b, heads, d, h * w).transpose(2, 3)
+    out = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
     return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

@@ -28,9 +28,10 @@ class EnginePool:
         dtype: str | torch.dtype = "auto",
         checkpoints: Mapping[str, str] | None = None,
         max_resident: int = 2,
-        max_batch_size: int = 4,
+        max_batch_size: int | None = None,
         cache: EmbeddingCache | None = None,
         compile: bool = False,
+        backend: str = "auto",
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be >= 1")
@@ -40,7 +41,7 @@ class EnginePool:
         self.family, self.device, self.dtype = family, device, dtype
         self.checkpoints = dict(checkpoints or {})
         self.max_resident, self.max_batch_size = max_resident, max_batch_size
-        self.compile = compile
+        self.compile, self.backend = compile, backend
         self.cache = cache if cache is not None else EmbeddingCache()
         self._engines: OrderedDict[str, Sam2Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class EnginePool:
     @classmethod
     def of(cls, engine: Sam2Engine) -> EnginePool:
         """A pool holding one ready engine (its version only, unless others can be found)."""
-        pool = cls(engine.spec.family, engine.device, engine.dtype, cache=engine.cache)
+        pool = cls(engine.spec.family, engine.device, engine.dtype, cache=engine.cache, backend=engine.backend)
         pool._engines[engine.spec.version] = engine
         return pool
 
@@ -74,6 +75,7 @@ class EnginePool:
                 max_batch_size=self.max_batch_size,
                 cache=self.cache,
                 compile=self.compile,
+                backend=self.backend,
             )
             with self._lock:
                 self._engines[version] = engine

@@ -119,7 +119,7 @@ class ReplicaApp:
         state = app.state.sam2flow
         state.batcher.close()  # the app's own batching thread: Serve batches instead
         self.batcher = ServeEmbedBatcher(
-            self.settings.max_batch_size, self.settings.max_wait_ms / 1000, state.metrics.batch_size.observe
+            self.settings.embed_batch_size(), self.settings.max_wait_ms / 1000, state.metrics.batch_size.observe
         )
         state.batcher = self.batcher
         self.app = app
@@ -163,7 +163,7 @@ def build_app(
         "name": APP_NAME,
         "ray_actor_options": {"num_gpus": num_gpus_per_replica, "num_cpus": num_cpus_per_replica},
         # Enough requests in flight per replica to fill an embedding batch.
-        "max_ongoing_requests": max(8, 2 * settings.max_batch_size),
+        "max_ongoing_requests": max(8, 2 * settings.embed_batch_size()),
     }
     if min_replicas is not None or max_replicas is not None:
         low = 1 if min_replicas is None else min_replicas

@@ -62,10 +62,11 @@ class ServerState:
             settings.max_batch_size,
             cache,
             settings.compile,
+            settings.backend,
         )
         self.metrics = ServerMetrics(cache)
         self.batcher = EmbedBatcher(
-            settings.max_batch_size, settings.max_wait_ms / 1000, self.metrics.batch_size.observe
+            settings.embed_batch_size(), settings.max_wait_ms / 1000, self.metrics.batch_size.observe
         )
         # image_id → embedding, and the last prompts + low-resolution logits per image (click-to-refine).
         self.by_id = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
@@ -275,7 +276,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             "device": settings.device,
             "dtype": settings.dtype,
             "models": state.pool.resident,
-            "max_batch_size": settings.max_batch_size,
+            "backends": {v: state.pool.get(v).backend for v in state.pool.resident},
+            "max_batch_size": settings.embed_batch_size(),
             "max_prompts": settings.max_prompts,
             "url_images": settings.allow_url_images,
         }

@@ -20,12 +20,13 @@ class ServerSettings(BaseSettings):
     port: int = 9001
     device: str = "auto"
     compile: bool = False  # torch.compile the image encoder at load (slow start, faster embeds)
+    backend: str = "auto"  # image encoder: auto (OpenVINO on a CPU where installed, else torch), torch, openvino
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32 (float16 on CUDA)
     family: str = "sam2.1"
     preload: Annotated[list[str], NoDecode] = []  # versions loaded at start-up; /readyz waits for them
     checkpoint: str | None = None  # weights for the first preloaded (or default) version
     max_resident_models: int = 2
-    max_batch_size: int = 4  # images embedded together across concurrent requests
+    max_batch_size: int | None = None  # images embedded together across requests; default 1 on CPU, 4 on GPUs
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests
     cache_entries: int = 64
     cache_bytes: int = 2 << 30
@@ -62,6 +63,12 @@ class ServerSettings(BaseSettings):
             self.url_timeout_s,
             tuple(self.url_hosts),
         )
+
+    def embed_batch_size(self) -> int:
+        """Images the micro-batcher gathers for one encoder run (``max_batch_size`` or the device's default)."""
+        from ..engine.engine import default_batch_size
+
+        return self.max_batch_size or default_batch_size(self.device)
 
     def prompt_budget(self) -> PromptBudget:
         """A fresh count for one request."""

@@ -1,0 +1,261 @@
+"""The image side on OpenVINO: our own torch module, converted by ``openvino.convert_model``.
+
+No ONNX file is involved: the ``ImageSide`` module (``engine/encoders.py``) is converted in pieces
+(the patch embedding with the first blocks, then a few Hiera blocks at a time, then the neck and
+projections), each compiled for the CPU. Pieces keep the engine's click priority: between two
+pieces the encoder waits while a decode runs (``DecodeFirst``), as the torch encoder does between
+trunk blocks. Outputs of one piece feed the next without a copy.
+
+Conversion takes about half a minute for hiera_tiny (minutes for hiera_large), once: the IR is
+kept on disk under ``$SAM2FLOW_CACHE_DIR/openvino`` (default ``~/.cache/sam2flow/openvino``),
+keyed by the weights' fingerprint, the input size, the piece layout and the OpenVINO version, and
+OpenVINO's own compiled-model cache sits beside it, so a later start loads in about a second.
+A new conversion is checked against the torch module in float32 (every output within 1e-3 of
+the reference's scale) before it is kept; a failed check raises ``OpenVINOError``.
+
+Precision: ``INFERENCE_PRECISION_HINT`` = ``bf16`` where the engine's dtype is bfloat16 (chosen
+only where the CPU has it natively), ``f16`` for float16, else ``f32``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoders import EncoderOutput, ImageSide
+
+CONVERSION_VERSION = 1  # bump when the pieces or their conversion change: old IR is then ignored
+BLOCKS_PER_PIECE = 2  # Hiera blocks per compiled piece: the encoder can pause every ~1/8 of its work
+CACHE_ENV = "SAM2FLOW_CACHE_DIR"
+_PRECISION_HINT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+class OpenVINOError(RuntimeError):
+    """The encoder could not be converted, checked or compiled with OpenVINO."""
+
+
+def cache_root() -> Path:
+    """``$SAM2FLOW_CACHE_DIR`` or ``~/.cache/sam2flow``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sam2flow"
+
+
+# ---- the pieces, as torch modules --------------------------------------------------------------
+
+
+class _Stem(nn.Module):
+    """Pixels (1, 3, S, S) → patch embedding + positional embedding → the first blocks → (1, H, W, C)."""
+
+    def __init__(self, backbone, blocks):
+        super().__init__()
+        self.backbone = backbone  # patch_embed and the positional embeddings (blocks are not traced)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, pixels):
+        x = self.backbone.patch_embed(pixels)
+        x = x + self.backbone._get_pos_embed(x.shape[1:3])
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Blocks(nn.Module):
+    """(1, H, W, C) → a run of Hiera blocks → (1, H', W', C')."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Head(nn.Module):
+    """The four stage outputs (fine → coarse, channels last) → FPN neck → ``ImageSide.head``."""
+
+    def __init__(self, side: ImageSide):
+        super().__init__()
+        self.side = side
+        self.levels = side.encoder.num_feature_levels
+
+    def forward(self, s1, s2, s3, s4):
+        fpn, _ = self.side.encoder.neck((s1, s2, s3, s4))  # coarse → fine
+        return self.side.head(fpn[-self.levels :][::-1])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the trunk is cut: ``pieces`` are block ranges [start, stop); ``stage_ends`` the blocks whose
+    output the neck takes."""
+
+    pieces: tuple[tuple[int, int], ...]
+    stage_ends: tuple[int, ...]
+
+    @classmethod
+    def of(cls, backbone, blocks_per_piece: int = BLOCKS_PER_PIECE) -> Layout:
+        ends = tuple(int(e) for e in backbone.stage_ends)
+        pieces, start = [], 0
+        for stop in range(1, len(backbone.blocks) + 1):
+            if stop - start == blocks_per_piece or stop - 1 in ends:
+                pieces.append((start, stop))
+                start = stop
+        return cls(tuple(pieces), ends)
+
+
+def _modules(side: ImageSide, layout: Layout) -> list[nn.Module]:
+    backbone = side.encoder.backbone
+    blocks = list(backbone.blocks)
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(layout.pieces):
+        mods.append(_Stem(backbone, blocks[a:b]) if i == 0 else _Blocks(blocks[a:b]))
+    mods.append(_Head(side))
+    return mods
+
+
+# ---- conversion, disk cache, check ---------------------------------------------------------------
+
+
+def _cache_key(fingerprint: str, input_size: int, layout: Layout) -> str:
+    import openvino as ov
+
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{fingerprint}|{input_size}|{layout}|{ov.get_version()}|{CONVERSION_VERSION}".encode())
+    return h.hexdigest()
+
+
+def _run_torch(mods: list[nn.Module], layout: Layout, pixels: torch.Tensor) -> tuple[list, EncoderOutput]:
+    """Every piece's inputs (for conversion) and the final output, in torch float32."""
+    inputs, stages, x = [], [], pixels
+    with torch.inference_mode():
+        for (_, stop), mod in zip(layout.pieces, mods):
+            inputs.append((x,))
+            x = mod(x)
+            if stop - 1 in layout.stage_ends:
+                stages.append(x)
+        inputs.append(tuple(stages))
+        out = mods[-1](*stages)
+    return inputs, out
+
+
+def _convert(side: ImageSide, layout: Layout, input_size: int, directory: Path) -> None:
+    """Convert every piece to IR in ``directory`` (written in a temporary folder, then renamed)."""
+    import openvino as ov
+
+    mods = _modules(side, layout)
+    pixels = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    inputs, reference = _run_torch(mods, layout, pixels)
+    models = []
+    for i, (mod, example) in enumerate(zip(mods, inputs)):
+        try:
+            with torch.no_grad():
+                models.append(ov.convert_model(mod, example_input=example))
+        except Exception as e:  # the converter's own errors are of many types
+            raise OpenVINOError(f"OpenVINO could not convert piece {i} of the image encoder: {e}") from e
+    check = [ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models]
+    got = _infer_chain(check, layout)(pixels.numpy())
+    for name, want, have in zip(("image_embed", "s0", "s1"), reference, got):
+        err = float(np.abs(want.numpy() - have).max())
+        scale = max(1.0, float(want.abs().max()))
+        if not err <= 1e-3 * scale:
+            raise OpenVINOError(f"OpenVINO's float32 {name} differs from torch's by {err:.3g} (scale {scale:.3g})")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        for i, m in enumerate(models):
+            ov.save_model(m, str(tmp / f"piece{i}.xml"), compress_to_fp16=False)
+        try:
+            os.replace(tmp, directory)  # atomic: a reader sees all pieces or none
+        except OSError:
+            if not (directory / f"piece{len(models) - 1}.xml").is_file():  # not another process's copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _infer_chain(compiled: list, layout: Layout) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """A function running the compiled pieces in order on one image (1, 3, S, S) float32."""
+    requests = [c.create_infer_request() for c in compiled]
+
+    def run(pixels: np.ndarray, pause: Callable[[], None] = lambda: None) -> tuple[np.ndarray, ...]:
+        x, stages = pixels, []
+        for (_, stop), req in zip(layout.pieces, requests):
+            pause()
+            req.infer(x, share_inputs=True, share_outputs=True)
+            x = req.get_output_tensor(0).data
+            if stop - 1 in layout.stage_ends:
+                stages.append(x)
+        pause()
+        head = requests[-1]
+        head.infer(stages, share_inputs=True, share_outputs=True)
+        return tuple(head.get_output_tensor(i).data.copy() for i in range(3))
+
+    return run
+
+
+class OpenVINOEncoder:
+    """``ImageEncoder`` on OpenVINO's CPU plugin; one image per inference (the fastest per image on a
+    CPU), batches run image by image.
+
+    ``fingerprint``: the model weights' hash (``weights_fingerprint``), which names the IR on disk.
+    ``pause``: called before each piece (the engine's ``DecodeFirst.wait``). ``free_torch``: drop the
+    torch copy of the trunk and neck weights once compiled (they are not needed any more).
+    """
+
+    backend = "openvino"
+    input_dtype = torch.float32
+
+    def __init__(
+        self,
+        side: ImageSide,
+        dtype: torch.dtype,
+        input_size: int,
+        fingerprint: str,
+        pause: Callable[[], None] = lambda: None,
+        free_torch: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise OpenVINOError("the openvino package is not installed (pip install openvino)") from e
+        self.precision = str(dtype).removeprefix("torch.")
+        self.runs = 0
+        self._pause = pause
+        layout = Layout.of(side.encoder.backbone)
+        root = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
+        directory = root / _cache_key(fingerprint, input_size, layout)
+        self.converted = not (directory / f"piece{len(layout.pieces)}.xml").is_file()
+        if self.converted:
+            _convert(side, layout, input_size, directory)
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(root / "compiled")})
+        config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINT[dtype], "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            compiled = [
+                core.compile_model(str(directory / f"piece{i}.xml"), "CPU", config)
+                for i in range(len(layout.pieces) + 1)
+            ]
+        except Exception as e:
+            raise OpenVINOError(f"OpenVINO could not compile the image encoder from {directory}: {e}") from e
+        self.directory = directory
+        self._run = _infer_chain(compiled, layout)
+        if free_torch:  # the trunk and neck now live in OpenVINO: release the torch weights
+            side.encoder.to("meta")
+
+    def __call__(self, pixels: torch.Tensor) -> EncoderOutput:
+        outs = []
+        for image in pixels.float().numpy():
+            outs.append(self._run(image[None], self._pause))
+            self.runs += 1
+        return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outs))  # type: ignore[return-value]
