@@ -1,0 +1,167 @@
+"""The OpenVINO image encoder: parity with Meta, the disk cache, the fallback, the server and the CLI.
+
+The rest of the suite runs the torch encoder (conftest sets ``SAM2FLOW_BACKEND=torch``); here the
+backend is named. Converting hiera_tiny takes about half a minute, once per run: every test uses the
+same random-weight checkpoint, and later engines load the converted pieces from the cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from sam2flow import Sam2Engine
+from sam2flow.engine.encoders import BACKEND_ENV, resolve_backend
+from sam2flow.formats import rle_to_mask
+
+from conftest import build_reference, mask_iou, random_image, start_server, stop_server
+from test_parity import SCENES, run_battery
+
+pytest.importorskip("openvino")
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ov_engine(tiny_checkpoint):
+    return Sam2Engine.from_pretrained(
+        checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino"
+    )
+
+
+def test_openvino_runs_the_encoder_and_releases_the_torch_weights(ov_engine):
+    assert ov_engine.backend == "openvino" and ov_engine.encoder.backend == "openvino"
+    assert all(p.device.type == "meta" for p in ov_engine.model.vision_encoder.parameters())
+    before = ov_engine.encoder.runs
+    ov_engine.embed([random_image(120, 160, seed=41)])
+    assert ov_engine.encoder.runs == before + 1
+
+
+@pytest.mark.parametrize("scene", list(SCENES))
+def test_openvino_float32_parity_with_meta(ov_engine, scene):
+    """Every prompt kind of the torch parity battery, with the encoder on OpenVINO: embeddings within
+    1e-4 of Meta's, masks IoU >= 0.999, scores within 1e-4."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    (h, w), boxes, points, labels = SCENES[scene]
+    predictor = SAM2ImagePredictor(build_reference(ov_engine.spec))
+    run_battery(ov_engine, predictor, random_image(h, w, seed=1), boxes, points, labels)
+
+
+def test_a_second_engine_loads_the_converted_encoder_from_disk(ov_engine, tiny_checkpoint, monkeypatch):
+    import openvino
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the same weights are in the cache")
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    again = Sam2Engine.from_pretrained(
+        checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino"
+    )
+    assert again.backend == "openvino" and not again.encoder.converted
+    assert again.encoder.directory == ov_engine.encoder.directory
+    image = random_image(200, 300, seed=42)
+    a, b = ov_engine.embed([image])[0], again.embed([image])[0]
+    torch.testing.assert_close(a.image_embed, b.image_embed, rtol=0, atol=0)
+
+
+def test_a_failed_conversion_falls_back_to_torch_with_one_line(tiny_checkpoint, tiny_engine, monkeypatch, caplog):
+    import openvino
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation aten::frobnicate")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    monkeypatch.delenv(BACKEND_ENV)  # auto: OpenVINO on this CPU, until it fails
+    monkeypatch.setenv("SAM2FLOW_CACHE_DIR", str(tiny_checkpoint.parent / "empty-cache"))
+    with caplog.at_level(logging.WARNING, logger="sam2flow.engine.engine"):
+        engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
+    monkeypatch.undo()
+    assert engine.backend == "torch" and engine.encoder.backend == "torch"
+    lines = [r.getMessage() for r in caplog.records if r.name == "sam2flow.engine.engine"]
+    assert len(lines) == 1 and "running torch instead" in lines[0] and "aten::frobnicate" in lines[0]
+    image = random_image(96, 128, seed=43)
+    boxes = np.array([[10, 10, 90, 80]], np.float32)
+    np.testing.assert_array_equal(engine.segment(image, boxes).masks, tiny_engine.segment(image, boxes).masks)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend("auto", CPU) == "openvino"  # the default on a CPU, where OpenVINO is installed
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_backend("torch", CPU) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend("auto", CPU) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "tensorrt")
+    with pytest.raises(ValueError, match="SAM2FLOW_BACKEND='tensorrt' is not a backend"):
+        resolve_backend("auto", CPU)
+    with pytest.raises(ValueError, match="unknown backend 'onnx'"):
+        resolve_backend("onnx", CPU)
+    with pytest.raises(ValueError, match="runs on the CPU, not on cuda"):
+        resolve_backend("openvino", torch.device("cuda"))
+
+
+def test_compile_is_a_torch_option(tiny_checkpoint):
+    with pytest.raises(ValueError, match="compile=True compiles the torch encoder"):
+        Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino", compile=True)
+
+
+def test_the_openvino_encoder_pauses_between_pieces_while_a_decode_runs(ov_engine):
+    """Clicks keep their priority on OpenVINO: the encoder waits at a piece boundary during a decode."""
+    gate = ov_engine._decode_first
+    runs = ov_engine.encoder.runs
+    done = []
+    embedder = threading.Thread(
+        target=lambda: done.append(ov_engine.embed([random_image(96, 128, seed=44)], use_cache=False))
+    )
+    with gate.decoding():
+        embedder.start()
+        deadline = time.monotonic() + 120
+        while gate.paused == 0 and embedder.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.paused == 1, "the OpenVINO encoder did not pause for the running decode"
+        assert not done and ov_engine.encoder.runs == runs
+    embedder.join(120)
+    assert done and gate.paused == 0 and ov_engine.encoder.runs == runs + 1
+
+
+def test_server_and_cli_default_to_openvino_on_cpu(ov_engine, tiny_checkpoint, tmp_path):
+    """With the backend left to ``auto``, the server and the CLI run OpenVINO, and their masks are the
+    OpenVINO engine's (which match Meta's, above)."""
+    import cv2
+
+    image = random_image(240, 320, seed=45)
+    box = [30, 40, 200, 180]
+    want = ov_engine.segment(image, np.array([box], np.float32))
+    url, proc = start_server(
+        tiny_checkpoint, tmp_path / "server.log", {BACKEND_ENV: "auto", "SAM2FLOW_PRELOAD": "hiera_tiny"}
+    )
+    try:
+        info = requests.get(f"{url}/info", timeout=30).json()
+        assert info["backends"] == {"hiera_tiny": "openvino"} and info["max_batch_size"] == 1
+    finally:
+        stop_server(proc)
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), image[:, :, ::-1])
+    out = tmp_path / "out.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "segment", str(path), "--checkpoint", str(tiny_checkpoint)]
+        + ["--dtype", "float32", "--box", ",".join(map(str, box)), "--format", "rle", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, BACKEND_ENV: "auto"},
+    )
+    assert run.returncode == 0, run.stderr
+    got = rle_to_mask(json.loads(out.read_text())["predictions"][0]["rle"])
+    assert mask_iou(got, want.masks[0]) >= 0.999
