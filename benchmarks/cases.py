@@ -27,6 +27,10 @@ from .timing import Measured, measure
 
 OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
 OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
+OURS_TORCH = "ours (torch)"  # our engine with the torch encoder, where the default backend is another
+ORT_META = "ONNX Runtime fp32, Meta's encoder"  # what a CPU user would pick instead: Meta's encoder exported
+OV_META = "OpenVINO fp32, Meta's encoder"  # ... and the same ONNX file on OpenVINO
+OV_META_BF16 = "OpenVINO bf16, Meta's encoder"
 IOU_GUARD = 0.97
 
 
@@ -50,6 +54,7 @@ class Settings:
     auto_repeats: int
     click_warmup: int = 5  # clicks, each side, before timing
     click_repeats: int = 200  # clicks timed, each side (1-5 points per object, then the next object)
+    step_counts: tuple[int, ...] = (1, 4)  # images per step run (``--step-images`` sets one count)
 
     @classmethod
     def make(
@@ -74,6 +79,7 @@ class Settings:
             s.step_repeats = s.auto_repeats = s.click_repeats = repeats
         if step_images is not None:
             s.step_images = step_images
+            s.step_counts = (step_images,)
         if points_per_side is not None:
             s.auto_points_per_side = points_per_side
         return s
@@ -97,6 +103,8 @@ class Context:
     threads: int
     extra: dict = field(default_factory=dict)
     ours_compiled: Any | None = None  # --compile: an engine built with compile=True
+    ours_torch: Any | None = None  # the torch-encoder engine, where ``ours`` runs another backend
+    exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
         """The reference called as its README shows: under ``torch.inference_mode()``, and on a GPU's
@@ -117,8 +125,8 @@ class Context:
         fns = {OURS: ours, REF: self.ref(ref)}
         if ours_bf16 is not None and self.ours_bf16 is not None:
             fns[OURS_BF16] = ours_bf16
-            if self.device.type == "cuda":
-                fns[REF_BF16] = self.ref(ref, autocast=True)
+            # the one line a user adds first; only where bf16 is native (on other CPUs it is ~9x slower)
+            fns[REF_BF16] = self.ref(ref, autocast=True)
         return fns
 
 
@@ -169,6 +177,9 @@ def rows(
     **extra,
 ) -> list[dict]:
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
+    for variant in (OURS_TORCH, ORT_META, OV_META, OV_META_BF16):  # vs the reference in float32
+        if variant in m.samples:
+            out.append(entry(ctx, config, m, unit, convert, higher_is_better, variant, warmup, **extra))
     if OURS_BF16 in m.samples:
         out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_BF16, warmup, **(bf16_extra or {})))
     if OURS_COMPILED in m.samples:
@@ -242,6 +253,13 @@ def case_embed(ctx: Context) -> list[dict]:
         )
         if ctx.ours_compiled is not None:
             fns[OURS_COMPILED] = lambda b=batch_images: ctx.ours_compiled.embed(b, use_cache=False)
+        if ctx.ours_torch is not None:
+            fns[OURS_TORCH] = lambda b=batch_images: ctx.ours_torch.embed(b, use_cache=False)
+        if ctx.exported is not None:
+            fns[ORT_META] = lambda b=batch_images: ctx.exported.run_ort(b)
+            fns[OV_META] = lambda b=batch_images: ctx.exported.run_ov(b)
+            if "bf16" in ctx.exported.ov:
+                fns[OV_META_BF16] = lambda b=batch_images: ctx.exported.run_ov(b, "bf16")
         warmup, repeats = (s.embed_warmup, s.embed_repeats) if batch == 1 else (s.embed_b4_warmup, s.embed_b4_repeats)
         ctx.log(f"embed: batch {batch}, {warmup} warm-up + {repeats} repeats of {', '.join(fns)}")
         m = measure(fns, warmup, repeats, ctx.sync)
@@ -312,10 +330,21 @@ def case_decode(ctx: Context) -> list[dict]:
 # ---- 3. the workflow step -------------------------------------------------------------------
 
 
-def reference_step(predictor, images: list[np.ndarray], dets: list[sv.Detections]) -> list[sv.Detections]:
+def reference_step(
+    predictor, images: list[np.ndarray], dets: list[sv.Detections], batched: bool = False
+) -> list[sv.Detections]:
     """The step's work done with the reference: embed, all boxes at once, best of three,
-    ``sv.Detections`` with xyxy from the masks and the boxes' class ids, names and ids."""
-    if len(images) == 1:
+    ``sv.Detections`` with xyxy from the masks and the boxes' class ids, names and ids.
+
+    ``batched``: ``set_image_batch`` + ``predict_batch``; else image by image with ``set_image`` +
+    ``predict``, the reference's fastest mode on a CPU (its batch of 4 is ~1.4x slower per image there).
+    """
+    if not batched:
+        outs = []
+        for image, d in zip(images, dets):
+            predictor.set_image(image)
+            outs.append(predictor.predict(box=d.xyxy, multimask_output=True)[:2])
+    elif len(images) == 1:
         predictor.set_image(images[0])
         outs = [predictor.predict(box=dets[0].xyxy, multimask_output=True)[:2]]
     else:
@@ -361,15 +390,30 @@ def run_step_ours(engine, images, dets, version):
     return segment_images(engine, images, ids, dets, StepParameters(version=version), None)
 
 
+STEP_BOXES = (4, 10)  # boxes per image: few and many
+
+
 def case_step(ctx: Context) -> list[dict]:
+    """The workflow step at each of ``settings.step_counts`` images × ``STEP_BOXES`` boxes per image."""
+    out = []
+    for n_images in ctx.settings.step_counts:
+        for n_boxes in STEP_BOXES:
+            out += _step_config(ctx, n_images, n_boxes)
+    return out
+
+
+def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
     s = ctx.settings
-    images, dets = data.step_inputs(s.step_images)
+    images, dets = data.step_inputs(n_images, n_boxes)
+    batched = ctx.device.type != "cpu"  # the reference's fastest mode: batches on a GPU, one by one on a CPU
     fns = ctx.competitors(
         lambda: run_step_ours(ctx.ours, images, dets, ctx.size),
-        lambda: reference_step(ctx.predictor, images, dets),
+        lambda: reference_step(ctx.predictor, images, dets, batched),
         (lambda: run_step_ours(ctx.ours_bf16, images, dets, ctx.size)) if ctx.ours_bf16 is not None else None,
     )
-    ctx.log(f"step: {len(images)} images 640x480 x 10 boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
+    if ctx.ours_torch is not None:
+        fns[OURS_TORCH] = lambda: run_step_ours(ctx.ours_torch, images, dets, ctx.size)
+    ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
     iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
     bf16_extra = {}
@@ -378,7 +422,7 @@ def case_step(ctx: Context) -> list[dict]:
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
     return rows(
         ctx,
-        f"{len(images)} x 640x480, 10 boxes each",
+        f"{len(images)} x 640x480, {n_boxes} boxes each",
         m,
         "images/s",
         lambda t: len(images) / t,

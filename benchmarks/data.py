@@ -65,8 +65,16 @@ def make_checkpoint(version: str, family: str, directory: Path) -> Checkpoint:
 # ---- models ---------------------------------------------------------------------------------
 
 
-def load_ours(ckpt: Checkpoint, device: str, dtype: str = "float32", max_batch_size: int = 4, compile: bool = False):
-    """Our engine with its embedding cache off, so every repeat does the full work."""
+def load_ours(
+    ckpt: Checkpoint,
+    device: str,
+    dtype: str = "float32",
+    max_batch_size: int | None = None,
+    compile: bool = False,
+    backend: str = "auto",
+):
+    """Our engine with its embedding cache off, so every repeat does the full work (``backend`` and
+    ``max_batch_size`` as the engine's defaults unless given: OpenVINO and batch 1 on a CPU)."""
     from sam2flow import EmbeddingCache, Sam2Engine
 
     return Sam2Engine.from_pretrained(
@@ -78,6 +86,7 @@ def load_ours(ckpt: Checkpoint, device: str, dtype: str = "float32", max_batch_s
         max_batch_size=max_batch_size,
         cache=EmbeddingCache(max_entries=0),
         compile=compile,
+        backend=backend,
     )
 
 

@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's choice)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 encoder rows")
     p.add_argument(
+        "--no-exported",
+        action="store_true",
+        help="skip the ONNX Runtime and OpenVINO rows of Meta's exported encoder (CPU embed case)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)",
@@ -210,7 +215,14 @@ def main(argv=None) -> int:
                 if timed:
                     log(f"{size} on {d}: loading ours and the reference")
                     ours = data.load_ours(ckpt, d)
+                    machine.setdefault("backend", {})[f"{d} {size}"] = ours.backend
+                    ours_torch = data.load_ours(ckpt, d, backend="torch") if ours.backend != "torch" else None
                     ref_model, predictor = data.load_reference(ckpt, d)
+                    exported = None
+                    if device.type == "cpu" and "embed" in timed and not args.no_exported:
+                        from .exported import MetaExported
+
+                        exported = MetaExported(ref_model, predictor, log)
                     bf16, bf16_note = (None, "")
                     if any(c in ("embed", "step") for c in timed):
                         bf16, bf16_note = bf16_engine(args, ckpt, device, ours, f"{d} {size}", machine)
@@ -238,17 +250,21 @@ def main(argv=None) -> int:
                         log,
                         torch.get_num_threads(),
                         ours_compiled=compiled,
+                        ours_torch=ours_torch,
+                        exported=exported,
                     )
                     for case in timed:
                         for e in getattr(cases, f"case_{case}")(ctx):
-                            suffix = {cases.OURS_BF16: " bf16", cases.OURS_COMPILED: " compiled"}.get(e["variant"], "")
+                            suffix = {cases.OURS: "", cases.OURS_BF16: " bf16", cases.OURS_COMPILED: " compiled"}.get(
+                                e["variant"], f" {e['variant']}"
+                            )
                             key = f"{d} {size} {e['config']}{suffix}"
                             results[case][key] = e
                             log(
                                 f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
                                 f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x"
                             )
-                    del ctx, ours, ref_model, predictor, bf16, compiled
+                    del ctx, ours, ours_torch, exported, ref_model, predictor, bf16, compiled
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -148,10 +148,11 @@ def _sub_pixels(feat: torch.Tensor, levels: int) -> torch.Tensor:
     return f.permute(order).reshape(-1, c)
 
 
-def _upscale_operands(decoder, high_res, c: int, l: int):
+def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
     """Per image: both transposed convolutions as (in, a·b·out) matrices, and what each adds
-    (the high-resolution features plus the bias) in sub-pixel row order."""
+    (the high-resolution features plus the bias) in sub-pixel row order (~12 MB for one image)."""
     s0, s1 = high_res
+    c, l = decoder.upscale_conv1.in_channels, s1.shape[1] * s1.shape[2] // 4
     conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
     c1, c2 = conv1.out_channels, conv2.out_channels
     w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
@@ -167,7 +168,7 @@ def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor, hw:
     A stride-2, 2 × 2 transposed convolution maps each input pixel to its own 2 × 2 block, so it
     is one matmul per level in a "source pixel, then sub-pixel" order with channels last (the
     layer norm then runs over contiguous channels); pixels return to raster order only for the K
-    masks at the end. ``hyper`` (N, K, C/8); ``operands`` from ``_upscale_operands``.
+    masks at the end. ``hyper`` (N, K, C/8); ``operands`` from ``upscale_operands``.
     """
     n, l, _ = x.shape
     w1, add1, w2, add2 = operands
@@ -193,6 +194,7 @@ def decode(
     high_res: tuple[torch.Tensor, torch.Tensor],
     multimask_output: bool,
     chunk: int = 8,
+    operands: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (N, K, 256, 256) and predicted IoU (N, K) for N prompts of one image.
 
@@ -202,14 +204,16 @@ def decode(
     stride-8 projected features (C/8, 256, 256), (C/4, 128, 128). K = 3 with
     ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable single
     mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256) tensors
-    in cache; the per-image work is done once for all chunks.
+    in cache; the per-image work is done once for all chunks. ``operands``: this image's
+    ``upscale_operands`` when the caller keeps them (they depend on the image only, not the prompts).
     """
     c, hh, ww = image_embed.shape
     image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
     pos = image_pe[0].flatten(1).t()
     shared = image.shape[0] == 1
     first = _first_layer_image_side(decoder.transformer.layers[0], image[0], pos) if shared else None
-    operands = _upscale_operands(decoder, high_res, c, image.shape[1])
+    if operands is None:
+        operands = upscale_operands(decoder, high_res)
     out_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
     parts = []
     for i in range(0, sparse.shape[0], chunk):

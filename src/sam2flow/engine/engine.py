@@ -17,7 +17,7 @@ from ..models.registry import ModelSpec
 from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
-from .decoder import decode
+from .decoder import decode, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
@@ -162,6 +162,9 @@ class Sam2Engine:
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_first = DecodeFirst()
+        # The decoder's per-image operands (~12 MB each) of the last few images clicked on: a click
+        # refining an object reuses them instead of rebuilding them from the high-resolution features.
+        self._operands: EmbeddingCache = EmbeddingCache(4, 64 << 20, size_of=lambda v: sum(t.nbytes for t in v))
         self.encoder: ImageEncoder = self._make_encoder(fingerprint, compile)
         self._model_id = f"{spec.name}|{self.backend}|{self.dtype}|{self.device}|{fingerprint}"
         with torch.inference_mode():
@@ -345,6 +348,11 @@ class Sam2Engine:
                 return low_res[:, 0], iou[:, 0]
             if mask is None:
                 dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
+            key = (emb.key, emb.high_res_feats[0].data_ptr())  # this image, these very features
+            operands = self._operands.get(key)
+            if operands is None:
+                operands = upscale_operands(self.model.mask_decoder, emb.high_res_feats)
+                self._operands.put(key, operands)
             return decode(
                 self.model.mask_decoder,
                 emb.image_embed,
@@ -354,6 +362,7 @@ class Sam2Engine:
                 emb.high_res_feats,
                 multimask_output,
                 DECODE_CHUNK,
+                operands,
             )
 
     def _decode(
