@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import threading
 import time
@@ -20,7 +21,12 @@ from .decoder import decode
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
-from .types import LOW_RES, ImageEmbedding, Prediction  # declared there, importable from here as before
+from .types import (  # declared there, importable from here as before
+    LOW_RES,
+    EmbeddingStorage,
+    ImageEmbedding,
+    Prediction,
+)
 
 DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
 
@@ -90,6 +96,8 @@ class Sam2Engine:
     transformers' decoder as is (the reference package's arithmetic). ``compile=True``
     compiles the image encoder with ``torch.compile`` at construction (minutes on a CPU; the time
     is kept in ``compile_seconds``); it pays off for long-running servers and batch jobs.
+    ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
+    the cache and before the encoder, and writes what it computes when the store is writable.
     """
 
     def __init__(
@@ -102,6 +110,7 @@ class Sam2Engine:
         cache: EmbeddingCache | None = None,
         fused_decoder: bool = True,
         compile: bool = False,
+        store: EmbeddingStorage | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -111,6 +120,7 @@ class Sam2Engine:
         self.max_batch_size = max_batch_size
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
+        self.store = store
         # The engine converts the model in place (no copy of a large network): a second engine
         # on the same object with another dtype or device would silently change the first one.
         placed = (str(self.device), str(self.dtype))
@@ -135,7 +145,10 @@ class Sam2Engine:
             self._image_pe = self.model.get_image_wide_positional_embeddings()
         # Cache keys name the weights, not only the size: engines with different checkpoints
         # (a fine-tuned one, say) or devices may share one cache without mixing embeddings.
-        self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{weights_fingerprint(self.model)}"
+        fingerprint = weights_fingerprint(self.model)
+        self._model_id = f"{spec.name}|{self.dtype}|{self.device}|{fingerprint}"
+        # The store's key leaves the device out: embeddings made on a GPU serve a CPU process.
+        self.store_id = f"{spec.name}|{self.dtype}|{fingerprint}"
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
@@ -185,16 +198,28 @@ class Sam2Engine:
                     found[k] = hit
         todo: dict[str, np.ndarray] = {}
         for k, im in zip(keys, rgb):
+            if k not in found and (stored := self._from_store(k)) is not None:
+                found[k] = stored
+                if use_cache:
+                    self.cache.put(k, stored)
             if k not in found:
                 todo.setdefault(k, im)
         items = list(todo.items())
         for start in range(0, len(items), self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
             for (k, _), emb in zip(chunk, self._embed_batch([k for k, _ in chunk], [im for _, im in chunk])):
+                if self.store is not None and self.store.writable:
+                    emb = self.store.put(self.store_id, emb)  # decode what later reads will get
                 found[k] = emb
                 if use_cache:
                     self.cache.put(k, emb)
         return [found[k] for k in keys]
+
+    def _from_store(self, key: str) -> ImageEmbedding | None:
+        if self.store is None:
+            return None
+        hit = self.store.get(self.store_id, key.rsplit("|", 1)[-1], self.device)
+        return None if hit is None else dataclasses.replace(hit, key=key)
 
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
         with self._lock, torch.inference_mode():
