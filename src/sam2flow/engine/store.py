@@ -60,7 +60,7 @@ class EmbeddingStore:
     """
 
     def __init__(self, root: str | os.PathLike, writable: bool = False):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # the same folder from a Ray actor or a server started elsewhere
         self.writable = writable
         if writable:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -118,9 +118,10 @@ class EmbeddingStore:
         t = [stored[name].to(device, torch.float32) for name in SHAPES]
         return ImageEmbedding(t[0], (t[1], t[2]), embedding.original_size, embedding.key)
 
-    def usage(self, model_id: str) -> tuple[int, int]:
-        """(images, bytes) stored for ``model_id``."""
-        files = list((self.root / model_dir_name(model_id)).glob(f"??/*{SUFFIX}"))
+    def usage(self, model_id: str | None = None) -> tuple[int, int]:
+        """(images, bytes) stored for ``model_id`` (``None``: for every model)."""
+        models = "*" if model_id is None else model_dir_name(model_id)
+        files = list(self.root.glob(f"{models}/??/*{SUFFIX}"))
         return len(files), sum(f.stat().st_size for f in files)
 
 
