@@ -29,6 +29,7 @@ from sam2flow.cli import main
 from sam2flow.engine.cache import EmbeddingCache
 from sam2flow.engine.engine import Sam2Engine
 from sam2flow.engine.store import BYTES_PER_IMAGE, EmbeddingStore, StoreError
+from sam2flow.engine.types import EmbeddingStorage
 from sam2flow.formats import mask_iou, rle_to_mask
 from sam2flow.scale.embed import run_embed
 from sam2flow.testing import make_scene, write_checkpoint
@@ -119,6 +120,7 @@ def test_stored_embeddings_decode_to_the_fresh_masks(engine, fresh, tmp_path):
 def test_put_returns_what_get_reads(engine, fresh, tmp_path):
     """A writable store's engine decodes the stored (rounded) values even on the run that computed them."""
     store = EmbeddingStore(tmp_path / "s", writable=True)
+    assert isinstance(store, EmbeddingStorage)  # what Sam2Engine(store=...) declares it takes
     kept = store.put(engine.store_id, fresh[0])
     read = store.get(engine.store_id, fresh[0].image_id)
     for a, b in zip((kept.image_embed, *kept.high_res_feats), (read.image_embed, *read.high_res_feats)):
@@ -216,6 +218,29 @@ def test_cli_embed_skips_a_bad_image_and_resumes_without_the_encoder(engine, che
         2,
         [str(tmp_path / "imgs" / "c_corrupt.png")],
     )
+
+
+def test_cli_batch_reads_the_store_and_store_write_needs_store(
+    engine, fresh, checkpoint, tmp_path, capsys, monkeypatch
+):
+    store = stored_copy(tmp_path, engine, fresh)
+    write_images(tmp_path / "imgs")
+    seen = [0]
+    load = Sam2Engine.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):  # the CLI's engine, with the encoder counted as elsewhere here
+        made = load(cls, *args, **kwargs)
+        made.model.vision_encoder.register_forward_hook(lambda m, a, o: seen.__setitem__(0, seen[0] + len(a[0])))
+        return made
+
+    monkeypatch.setattr(Sam2Engine, "from_pretrained", classmethod(counted))
+    out = tmp_path / "masks.jsonl"
+    argv = ["batch", str(tmp_path / "imgs"), "--out", str(out), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    argv += ["--dtype", "float32", "--points-per-side", "2"]
+    assert main([*argv, "--store", str(store.root)]) == 0
+    assert "2 segmented, 1 failed" in capsys.readouterr().err and seen[0] == 0  # both images were stored
+    assert main([*argv, "--store-write"]) == 1
+    assert capsys.readouterr().err == "sam2flow: error: --store-write needs --store DIR\n"
 
 
 def _png(image: np.ndarray) -> str:
