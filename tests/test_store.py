@@ -198,7 +198,7 @@ def write_images(d: Path) -> None:
     (d / "c_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
 
 
-def test_cli_embed_skips_a_bad_image_and_resumes_without_the_encoder(engine, checkpoint, tmp_path, capsys):
+def test_cli_embed_skips_a_bad_image_and_resumes_without_the_encoder(engine, fresh, checkpoint, tmp_path, capsys):
     write_images(tmp_path / "imgs")
     store_dir = tmp_path / "store"
     argv = ["embed", str(tmp_path / "imgs"), "--store", str(store_dir), "--checkpoint", str(checkpoint)]
@@ -208,8 +208,8 @@ def test_cli_embed_skips_a_bad_image_and_resumes_without_the_encoder(engine, che
     assert "2 embedded, 0 already stored, 1 failed" in err and "8.4 MB per image" in err
     store = EmbeddingStore(store_dir, writable=True)
     assert store.usage(engine.store_id)[0] == 2  # the CLI's engine is this one: same weights, same id
-    # A re-run (the engine's own resume path: the stored images are not embedded again).
-    rerun = with_store(engine, store)
+    # A re-run (the job's own resume path: the stored images are not embedded again).
+    rerun = with_store(engine, None)
     with encoder_images(engine.model) as seen:
         summary = run_embed(rerun, store, [str(tmp_path / "imgs" / "*.png")], progress=False)
     assert seen[0] == 0
@@ -218,6 +218,13 @@ def test_cli_embed_skips_a_bad_image_and_resumes_without_the_encoder(engine, che
         2,
         [str(tmp_path / "imgs" / "c_corrupt.png")],
     )
+    # A damaged file (a disk error, a copy cut short) counts as absent: the next run writes it again.
+    damaged = store.path(engine.store_id, fresh[1].image_id)
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with encoder_images(engine.model) as seen:
+        summary = run_embed(rerun, store, [str(tmp_path / "imgs")], progress=False)
+    assert (seen[0], summary.embedded, summary.already) == (1, 1, 1)
+    assert store.get(engine.store_id, fresh[1].image_id).original_size == SCENES[1].size
 
 
 def test_cli_batch_reads_the_store_and_store_write_needs_store(

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..engine.store import BYTES_PER_IMAGE, EmbeddingStore
-    from ..scale.embed import run_embed, run_ray_embed, store_engine
+    from ..scale.embed import job_engine, run_embed, run_ray_embed
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
@@ -46,7 +46,7 @@ def run(args) -> int:
         summary = run_ray_embed(str(store.root), args.images, engine_args, args.batch_size, *ray_args)
         model_id = None  # the actors' engines know it; the whole store is counted
     else:
-        engine = store_engine(engine_args, store)
+        engine = job_engine(engine_args)
         summary = run_embed(engine, store, args.images, args.batch_size)
         model_id = engine.store_id
     images, size = store.usage(model_id)

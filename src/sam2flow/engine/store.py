@@ -77,8 +77,17 @@ class EmbeddingStore:
         return self.root / model_dir_name(model_id) / image_id[:2] / f"{image_id}{SUFFIX}"
 
     def __contains__(self, item: tuple[str, str]) -> bool:
-        """``(model_id, image_id) in store``: whether a file is there (not read, not checked)."""
-        return self.path(*item).is_file()
+        """``(model_id, image_id) in store``: whether a whole file for these ids is there, its header
+        checked (about a millisecond; the tensor values are read and checked by ``get``). A damaged
+        or foreign file counts as absent, so ``sam2flow embed`` writes it again."""
+        path = self.path(*item)
+        if not path.is_file():
+            return False
+        try:
+            _read(path, *item, data=False)
+        except StoreError:
+            return False
+        return True
 
     def get(self, model_id: str, image_id: str, device: str | torch.device = "cpu") -> ImageEmbedding | None:
         """The stored embedding (float32 on ``device``, key ``"<model_id>|<image_id>"``), or ``None``
@@ -139,9 +148,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _read(path: Path, model_id: str, image_id: str) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+def _read(
+    path: Path, model_id: str, image_id: str, data: bool = True
+) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     """The tensors (float32 on the CPU) and original size (H, W) of a store file, every part checked
-    (the header before any tensor data is read)."""
+    (the header, and that the file holds all the data it declares, before any tensor is read);
+    ``data=False``: the header only, and no tensors."""
     try:
         with safe_open(path, framework="pt") as f:
             size = _check_header(path, f.metadata() or {}, model_id, image_id)
@@ -152,6 +164,8 @@ def _read(path: Path, model_id: str, image_id: str) -> tuple[dict[str, torch.Ten
                 part = f.get_slice(name)
                 if part.get_dtype() != "F16" or tuple(part.get_shape()) != SHAPES[name]:
                     raise _bad(path, f"{name} is {part.get_dtype()} {part.get_shape()}, expected F16 {SHAPES[name]}")
+            if not data:
+                return {}, size
             tensors = {name: f.get_tensor(name).float() for name in SHAPES}
     except StoreError:
         raise

@@ -2,7 +2,8 @@
 
 Each image is read and hashed; one whose embedding is already in the store is skipped without
 running the encoder, so a re-run after an interruption does only what is left (files are written
-whole, so an interruption never leaves a half one). Unreadable images are reported and skipped;
+whole, so an interruption never leaves a half one; a file damaged since, its header checked, is
+written again). Unreadable images are reported and skipped;
 every other image is still stored. ``--ray`` runs the same steps as ``batch --ray``'s pipeline
 (``scale.ray_batch.ray_records``), with an actor per engine that writes to the store itself: the
 store's directory must then be shared by every node.
@@ -49,28 +50,35 @@ def image_files(sources: Sequence[str]) -> list[Path]:
     return list(seen.values())
 
 
-def store_engine(engine_args: dict, store: EmbeddingStore):
-    """A ``Sam2Engine`` that writes to ``store`` and keeps nothing in memory (a dataset is not a session)."""
+def job_engine(engine_args: dict):
+    """A ``Sam2Engine`` that keeps nothing in memory (a dataset is not a session) and reads no store:
+    ``embed_records`` writes to it, replacing what is damaged instead of failing on it."""
     from ..engine.engine import Sam2Engine
 
-    return Sam2Engine.from_pretrained(**engine_args, store=store, cache=EmbeddingCache(max_entries=0))
+    return Sam2Engine.from_pretrained(**engine_args, cache=EmbeddingCache(max_entries=0))
 
 
 def embed_records(engine, store: EmbeddingStore, names: list[str], images: list[np.ndarray]) -> list[dict]:
-    """Embed the images (RGB uint8, H × W × 3) not yet in ``store``, in one batch, → one record per
-    image: ``{"file", "image_id", "embedded"}`` (``embedded``: False if it was already stored), or
-    ``{"file", "error"}`` for an image the engine refused (the others are still embedded)."""
+    """Embed the images (RGB uint8, H × W × 3) not yet in ``store`` (or whose file there is damaged),
+    in one batch, and store them → one record per image: ``{"file", "image_id", "embedded"}``
+    (``embedded``: False if it was already stored), or ``{"file", "error"}`` for an image the engine
+    or the store refused (the others are still stored)."""
     ids = [content_hash(im) for im in images]
     records = [{"file": n, "image_id": i, "embedded": False} for n, i in zip(names, ids)]
     todo = [k for k, i in enumerate(ids) if (engine.store_id, i) not in store]
+
+    def put(ks: list[int]) -> None:
+        for emb in engine.embed([images[k] for k in ks]):
+            store.put(engine.store_id, emb)
+
     try:
-        engine.embed([images[k] for k in todo])
+        put(todo)
         done = todo
     except ValueError:  # one by one, so only the bad one fails
         done = []
         for k in todo:
             try:
-                engine.embed([images[k]])
+                put([k])
                 done.append(k)
             except ValueError as e:
                 records[k] = {"file": names[k], "error": str(e)}
@@ -105,7 +113,7 @@ class _Embedder:
 
     def __init__(self, engine_args: dict, store_root: str):
         self.store = EmbeddingStore(store_root, writable=True)
-        self.engine = store_engine(engine_args, self.store)
+        self.engine = job_engine(engine_args)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
