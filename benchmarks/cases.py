@@ -55,6 +55,8 @@ class Settings:
     click_warmup: int = 5  # clicks, each side, before timing
     click_repeats: int = 200  # clicks timed, each side (1-5 points per object, then the next object)
     step_counts: tuple[int, ...] = (1, 4)  # images per step run (``--step-images`` sets one count)
+    store_warmup: int = 1  # first clicks, each side, before timing (each one encodes on the reference's side)
+    store_repeats: int = 10
 
     @classmethod
     def make(
@@ -70,13 +72,13 @@ class Settings:
         else:
             s = cls(False, 2, 10, 1, 5, 2, 10, 5, 8, 1, 5, 32, 1, 5)
         if quick:
-            s.click_repeats = 50
+            s.click_repeats, s.store_repeats = 50, 3
         if warmup is not None:
             s.embed_warmup = s.embed_b4_warmup = s.decode_warmup = s.step_warmup = s.auto_warmup = warmup
-            s.click_warmup = warmup
+            s.click_warmup = s.store_warmup = warmup
         if repeats is not None:
             s.embed_repeats = s.embed_b4_repeats = s.decode_repeats = s.decode_repeats_100 = repeats
-            s.step_repeats = s.auto_repeats = s.click_repeats = repeats
+            s.step_repeats = s.auto_repeats = s.click_repeats = s.store_repeats = repeats
         if step_images is not None:
             s.step_images = step_images
             s.step_counts = (step_images,)
@@ -639,6 +641,61 @@ def case_click(ctx: Context) -> list[dict]:
         reference_percentiles_ms=ref_pct,
         ours_stages_ms=breakdown,
         route="POST /page/decode on loopback (reference in process)",
+    )
+
+
+# ---- 7. the first click on an image whose embedding is in the store ------------------------
+
+
+def case_store(ctx: Context) -> list[dict]:
+    """The first click on an 800x600 image, nothing of it in memory: ours with its embedding in an
+    ``EmbeddingStore`` (read from the file, float16 widened to float32, then decoded) vs the reference
+    (``set_image`` + ``predict``: the encoder, as for every image it has not seen); our first click
+    on a new image (encoder + decode, no store) in the notes. The store file is in the OS page cache
+    after the warm-up, as on a server that reads it often; a cold disk adds its read time (8.4 MB)."""
+    import tempfile
+
+    from sam2flow import EmbeddingCache, Sam2Engine
+    from sam2flow.engine.store import EmbeddingStore
+
+    s = ctx.settings
+    sc = data.scene(710, (600, 800))
+    pts, labels = click_sequences(sc, 1, 710)[0]
+    pts, labels = pts[:1], labels[:1]
+    root = tempfile.mkdtemp(prefix="sam2flow-bench-store-")
+    o = ctx.ours  # its cache is off: every call embeds (or reads the store)
+    writer = Sam2Engine(o.model, o.spec, o.device, o.dtype, cache=EmbeddingCache(0), store=EmbeddingStore(root, True))
+    writer.embed([sc.image])
+    stored = Sam2Engine(o.model, o.spec, o.device, o.dtype, cache=EmbeddingCache(0), store=EmbeddingStore(root))
+    new_image = "ours (new image)"
+
+    def first_click(engine):
+        return engine.predict(engine.embed([sc.image])[0], points=pts, point_labels=labels).masks[0]
+
+    def ref():
+        ctx.predictor.set_image(sc.image)
+        masks, scores, _ = ctx.predictor.predict(point_coords=pts, point_labels=labels, multimask_output=True)
+        return masks[int(scores.argmax())] > 0
+
+    fns = {OURS: lambda: first_click(stored), REF: ctx.ref(ref), new_image: lambda: first_click(o)}
+    ctx.log(f"store: first click, 800x600, {s.store_warmup} warm-up + {s.store_repeats} repeats of {', '.join(fns)}")
+    try:
+        m = measure(fns, s.store_warmup, s.store_repeats, ctx.sync)
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return rows(
+        ctx,
+        "800x600, first click, stored vs new image",
+        m,
+        "ms/click",
+        lambda t: 1000 * t,
+        warmup=s.store_warmup,
+        ours_new_image_ms=1000 * m.median(new_image),
+        mask_iou_vs_reference=float(mask_iou(m.last[OURS][None], m.last[REF][None])[0]),
+        mask_iou_stored_vs_new=float(mask_iou(m.last[OURS][None], m.last[new_image][None])[0]),
+        route="in process: engine.embed (store read) + engine.predict",
     )
 
 

@@ -14,6 +14,7 @@ CASE_TITLES = {
     "automatic": "4. Unprompted (automatic mask generation)",
     "memory": "5. Peak resident memory of case 3 (each side in its own process)",
     "click": "6. One click on a cached embedding (1-5 points + previous mask), over HTTP on loopback",
+    "store": "7. First click on an image whose embedding is in the store (vs encoding it)",
 }
 
 
@@ -59,6 +60,11 @@ def notes(e: dict) -> str:
             + ")"
         )
         parts.append("stages " + ", ".join(f"{k} {fmt(v)}" for k, v in e["ours_stages_ms"].items()) + " ms")
+    if "ours_new_image_ms" in e:
+        parts.append(
+            f"ours on a new image {fmt(e['ours_new_image_ms'])} ms (mask IoU stored vs new "
+            f"{e['mask_iou_stored_vs_new']:.3f})"
+        )
     if e.get("reference_mode") not in (None, "reference"):
         parts.append(f"vs {e['reference_mode']}")
     parts.append(f"n={e['repeats']}")
@@ -279,6 +285,10 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "one more point, the previous prompt's low-res logits as mask input): ours through the server over HTTP on "
         "loopback (`POST /page/decode`: RLE, box and score back) vs `predictor.predict(point_coords, point_labels, "
         "mask_input=...)` in process; p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes.",
+        "7. **store**: milliseconds for the first click on an 800×600 scene with nothing of it in memory: ours with "
+        "its embedding in an `EmbeddingStore` (`sam2flow embed`; the file read, checked and widened from float16, "
+        "then one decode) vs the reference's `set_image` + `predict` (it encodes every new image); our own first "
+        "click on a new image (encoder + decode) in the notes. The file is in the OS page cache after the warm-up.",
         "",
         "`ours (bf16)` rows run our image encoder in bfloat16 (decoder in float32), only where the hardware "
         "has bf16 arithmetic (CPU flags `avx512_bf16`/`amx_bf16`, or a GPU that supports it) and only when its "

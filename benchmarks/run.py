@@ -1,7 +1,7 @@
 """Benchmark sam2flow against Meta's reference on identical weights, images and prompts.
 
     python -m benchmarks.run [--quick] [--sizes hiera_tiny,hiera_small] [--device cpu|cuda|cpu,cuda]
-                             [--cases embed,decode,step,automatic,memory,click] [--json FILE]
+                             [--cases embed,decode,step,automatic,memory,click,store] [--json FILE]
                              [--markdown BENCHMARKS.md] [--chart benchmarks/chart.png]
 
 Prints machine facts and a table (ours, reference, unit, ratio = how many times faster we are);
@@ -33,7 +33,7 @@ from . import machine as mach
 from .timing import synchronizer
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_CASES = ("embed", "decode", "step", "automatic", "memory", "click")
+ALL_CASES = ("embed", "decode", "step", "automatic", "memory", "click", "store")
 DEFAULT_SIZES = "hiera_tiny,hiera_small"
 
 

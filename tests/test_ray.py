@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 import yaml
 from PIL import Image
 
@@ -159,6 +160,31 @@ def test_ray_batch_gives_the_records_of_plain_batch(cluster, folder, tiny_checkp
     # Resumable as plain mode: everything is done, nothing is appended.
     assert main(argv) == 0
     assert "0 segmented, 0 failed, 4 already done" in capsys.readouterr().err and len(read(out)) == 4
+
+
+@needs_ray
+def test_ray_embed_stores_what_the_engine_computes_and_resumes(
+    cluster, folder, tiny_checkpoint, tiny_engine, tmp_path, capsys
+):
+    from sam2flow.engine.cache import content_hash
+    from sam2flow.engine.store import EmbeddingStore
+    from sam2flow.scale.batch import read_image_file
+
+    images, _ = folder
+    store_dir = tmp_path / "store"
+    argv = ["embed", str(images), "--store", str(store_dir), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    argv += ["--dtype", "float32", "--batch-size", "2", "--ray"]
+    assert main(argv) == 1  # d_corrupt.png failed; the others are stored
+    err = capsys.readouterr().err
+    assert "3 embedded, 0 already stored, 1 failed" in err and "skipped" in err and "d_corrupt.png" in err
+    store = EmbeddingStore(store_dir)
+    pixels = {f: read_image_file(images / f) for f in ("a_rgb.png", "b_gray.png", "c_rgba.png")}
+    assert all((tiny_engine.store_id, content_hash(im)) in store for im in pixels.values())
+    want = tiny_engine.embed([pixels["c_rgba.png"]])[0]
+    got = store.get(tiny_engine.store_id, want.image_id)
+    for a, b in zip((got.image_embed, *got.high_res_feats), (want.image_embed, *want.high_res_feats)):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)  # the engine's own, within float16 rounding
+    assert main(argv) == 1 and "0 embedded, 3 already stored, 1 failed" in capsys.readouterr().err
 
 
 @needs_ray

@@ -4,6 +4,7 @@ from .engine.cache import EmbeddingCache
 from .engine.engine import ImageEmbedding, Prediction, Sam2Engine
 from .engine.pool import EnginePool
 from .engine.prompts import Prompt
+from .engine.store import EmbeddingStore, StoreError
 from .models.convert import CheckpointError
 from .models.registry import FAMILIES, VERSIONS, get_spec
 from .models.weights import load_model
@@ -16,6 +17,8 @@ __all__ = [
     "Prediction",
     "Prompt",
     "EmbeddingCache",
+    "EmbeddingStore",
+    "StoreError",
     "CheckpointError",
     "load_model",
     "get_spec",

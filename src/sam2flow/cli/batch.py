@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_cleanup_args, add_model_args, for_remote_workers, step_parameters
+from .common import (
+    add_cleanup_args,
+    add_model_args,
+    add_ray_args,
+    add_store_args,
+    for_remote_workers,
+    open_store,
+    step_parameters,
+)
 
 
 def add_parser(sub) -> None:
@@ -28,17 +36,8 @@ def add_parser(sub) -> None:
         action="store_true",
         help="run as a Ray Data pipeline (pip install 'sam2flow[ray]'); --out may then also be a .parquet directory",
     )
-    bat.add_argument(
-        "--ray-address",
-        help="with --ray: the cluster to join ('auto': this machine's; default $RAY_ADDRESS, else a new local cluster)",
-    )
-    bat.add_argument(
-        "--ray-actors", type=int, help="with --ray: model actors (default one per GPU, else per CPU less one)"
-    )
-    bat.add_argument(
-        "--ray-gpus-per-actor", type=float, help="with --ray: GPU share per actor (default 1 on GPU clusters)"
-    )
-    bat.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs per actor (default 1)")
+    add_ray_args(bat)
+    add_store_args(bat)
     bat.set_defaults(run=run)
 
 
@@ -64,6 +63,7 @@ def run(args) -> int:
         max_batch_size=args.batch_size,
         compile=args.compile,
         backend=args.backend,
+        store=open_store(args.store, args.store_write),
     )
     summary = run_batch(
         engine,
@@ -96,6 +96,7 @@ def _run_ray(args, config) -> int:
         "max_batch_size": args.batch_size,
         "compile": args.compile,
         "backend": args.backend,
+        "store": open_store(args.store, args.store_write),  # an absolute path and a flag, sent to each actor
     }
     summary = run_ray_batch(
         args.input,

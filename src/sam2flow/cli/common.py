@@ -64,6 +64,49 @@ def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") ->
     )
 
 
+def add_ray_args(p: argparse.ArgumentParser, what: str = "model") -> None:
+    """``--ray`` and how the job spreads over the cluster: the actors of ``batch --ray`` and ``embed --ray``."""
+    p.add_argument(
+        "--ray-address",
+        help="with --ray: the cluster to join ('auto': this machine's; default $RAY_ADDRESS, else a new local cluster)",
+    )
+    p.add_argument(
+        "--ray-actors", type=int, help=f"with --ray: {what} actors (default one per GPU, else per CPU less one)"
+    )
+    p.add_argument(
+        "--ray-gpus-per-actor", type=float, help="with --ray: GPU share per actor (default 1 on GPU clusters)"
+    )
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs per actor (default 1)")
+
+
+def add_store_args(p: argparse.ArgumentParser, env: bool = False) -> None:
+    """``--store DIR`` (read embeddings from a ``sam2flow embed`` store) and ``--store-write``."""
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="embedding store made by 'sam2flow embed': stored images never run the encoder"
+        + (" (SAM2FLOW_STORE)" if env else ""),
+    )
+    p.add_argument(
+        "--store-write",
+        action="store_true",
+        default=None,
+        help="with --store: also keep new embeddings there (default: read-only)"
+        + (" (SAM2FLOW_STORE_WRITE)" if env else ""),
+    )
+
+
+def open_store(path: str | None, write: bool | None):
+    """The ``EmbeddingStore`` of ``--store``/``--store-write``, or ``None``."""
+    if path is None:
+        if write:
+            raise ValueError("--store-write needs --store DIR")
+        return None
+    from ..engine.store import EmbeddingStore
+
+    return EmbeddingStore(path, writable=bool(write))
+
+
 def add_cleanup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-hole-area",

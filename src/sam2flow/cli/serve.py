@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..engine.precision import DTYPE_CHOICES
 from ..models.registry import FAMILIES, VERSIONS
-from .common import add_backend_arg, for_remote_workers
+from .common import add_backend_arg, add_store_args, for_remote_workers
 
 
 def add_parser(sub) -> None:
@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
         metavar="OUT.json",
         help="with --images: the COCO file saved as you go (default <DIR name>.coco.json)",
     )
+    add_store_args(srv, env=True)
     srv.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'sam2flow[ray]')")
     srv.add_argument(
         "--ray-address",
@@ -78,6 +79,7 @@ def _run_ray(args, settings) -> int:
     from ..scale.ray_serve import serve_forever
 
     settings.checkpoint = for_remote_workers(settings.checkpoint)
+    settings.store = for_remote_workers(settings.store)
     serve_forever(
         settings,
         args.ray_address,

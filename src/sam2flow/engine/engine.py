@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -22,7 +23,12 @@ from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
-from .types import LOW_RES, ImageEmbedding, Prediction  # declared there, importable from here as before
+from .types import (  # declared there, importable from here as before
+    LOW_RES,
+    EmbeddingStorage,
+    ImageEmbedding,
+    Prediction,
+)
 
 DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
 CPU_BATCH, ACCELERATOR_BATCH = 1, 4  # images per encoder run by default: on a CPU one at a time is fastest
@@ -108,6 +114,8 @@ class Sam2Engine:
     elsewhere and with ``compile=True``). If OpenVINO cannot convert or compile the encoder, the engine
     logs one line and runs torch; ``backend`` then says what runs. ``max_batch_size`` (images per
     encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
+    ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
+    the cache and before the encoder, and writes what it computes when the store is writable.
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class Sam2Engine:
         fused_decoder: bool = True,
         compile: bool = False,
         backend: str = "auto",
+        store: EmbeddingStorage | None = None,
     ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -135,6 +144,7 @@ class Sam2Engine:
         self.max_batch_size = max_batch_size or default_batch_size(self.device)
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
+        self.store = store
         # The engine converts the model in place (no copy of a large network): a second engine
         # on the same object with another dtype or device would silently change the first one.
         placed = (str(self.device), str(self.dtype), self.backend)
@@ -155,6 +165,9 @@ class Sam2Engine:
         # the size: engines with other checkpoints (a fine-tuned one, say) or devices may share one
         # cache without mixing embeddings.
         fingerprint = weights_fingerprint(self.model)
+        # The store's key leaves the device and backend out: embeddings made on a GPU (torch) serve a
+        # CPU process (OpenVINO); both agree far within the store's float16 rounding.
+        self.store_id = f"{spec.name}|{self.dtype}|{fingerprint}"
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
@@ -222,16 +235,28 @@ class Sam2Engine:
                     found[k] = hit
         todo: dict[str, np.ndarray] = {}
         for k, im in zip(keys, rgb):
+            if k not in found and (stored := self._from_store(k)) is not None:
+                found[k] = stored
+                if use_cache:
+                    self.cache.put(k, stored)
             if k not in found:
                 todo.setdefault(k, im)
         items = list(todo.items())
         for start in range(0, len(items), self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
             for (k, _), emb in zip(chunk, self._embed_batch([k for k, _ in chunk], [im for _, im in chunk])):
+                if self.store is not None and self.store.writable:
+                    emb = self.store.put(self.store_id, emb)  # decode what later reads will get
                 found[k] = emb
                 if use_cache:
                     self.cache.put(k, emb)
         return [found[k] for k in keys]
+
+    def _from_store(self, key: str) -> ImageEmbedding | None:
+        if self.store is None:
+            return None
+        hit = self.store.get(self.store_id, key.rsplit("|", 1)[-1], self.device)
+        return None if hit is None else dataclasses.replace(hit, key=key)
 
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
         with self._lock, torch.inference_mode():

@@ -11,6 +11,7 @@ import torch
 from ..models.registry import DEFAULT_FAMILY, get_spec
 from .cache import EmbeddingCache
 from .engine import Sam2Engine
+from .types import EmbeddingStorage
 
 
 class EnginePool:
@@ -18,7 +19,8 @@ class EnginePool:
 
     ``checkpoints`` maps a version to an explicit checkpoint (a ``.pt``, a Hugging Face directory
     or repository id); other versions are found by ``load_model``'s usual search. Thread-safe:
-    concurrent first requests for a version load it once.
+    concurrent first requests for a version load it once. ``store``: the embedding store every
+    engine reads (and writes, if writable), each under its own model id.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class EnginePool:
         cache: EmbeddingCache | None = None,
         compile: bool = False,
         backend: str = "auto",
+        store: EmbeddingStorage | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be >= 1")
@@ -42,6 +45,7 @@ class EnginePool:
         self.checkpoints = dict(checkpoints or {})
         self.max_resident, self.max_batch_size = max_resident, max_batch_size
         self.compile, self.backend = compile, backend
+        self.store = store
         self.cache = cache if cache is not None else EmbeddingCache()
         self._engines: OrderedDict[str, Sam2Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -50,7 +54,14 @@ class EnginePool:
     @classmethod
     def of(cls, engine: Sam2Engine) -> EnginePool:
         """A pool holding one ready engine (its version only, unless others can be found)."""
-        pool = cls(engine.spec.family, engine.device, engine.dtype, cache=engine.cache, backend=engine.backend)
+        pool = cls(
+            engine.spec.family,
+            engine.device,
+            engine.dtype,
+            cache=engine.cache,
+            backend=engine.backend,
+            store=engine.store,
+        )
         pool._engines[engine.spec.version] = engine
         return pool
 
@@ -76,6 +87,7 @@ class EnginePool:
                 cache=self.cache,
                 compile=self.compile,
                 backend=self.backend,
+                store=self.store,
             )
             with self._lock:
                 self._engines[version] = engine

@@ -173,3 +173,21 @@ class LowResDecoder(Protocol):
     def decode_low_res(
         self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class EmbeddingStorage(Protocol):
+    """Embeddings kept beyond one process (``engine.store.EmbeddingStore``), as ``Sam2Engine`` uses them.
+
+    ``get``: the embedding of ``image_id`` made by ``model_id`` (float32 on ``device``, key
+    ``"<model_id>|<image_id>"``), ``None`` if there is none; a damaged or foreign entry raises
+    ``ValueError`` naming it. ``put`` (only where ``writable``): keep ``embedding`` and return it as
+    it will be read back.
+    """
+
+    @property
+    def writable(self) -> bool: ...
+
+    def get(self, model_id: str, image_id: str, device: str | torch.device = "cpu") -> ImageEmbedding | None: ...
+
+    def put(self, model_id: str, embedding: ImageEmbedding) -> ImageEmbedding: ...

@@ -4,6 +4,9 @@
                        → embed + decode masks (an actor pool, one ``Sam2Engine`` per actor)
                        → records streamed back to the driver and written as plain mode writes them
 
+``sam2flow embed --ray`` runs the same pipeline (``ray_records``) with its own actor
+(``scale.embed``), which writes embeddings to the store instead of masks to records.
+
 The stages call the same functions as plain mode (``scale/batch.py``: ``read_image_file``,
 ``segment_records``, the error records), so the records are the same; only their order may differ.
 JSONL output is appended and flushed per record and resumes exactly as plain mode does. Parquet
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +82,21 @@ def _read_row(row: dict) -> dict:
     return out
 
 
+def decoded(batch: dict[str, np.ndarray]) -> tuple[list[str], dict[str, dict], list[int], list[np.ndarray]]:
+    """An actor's batch of ``_read_row`` rows → (file names, error records of the rows that failed
+    to read, indices of the others, their images as arrays of their own)."""
+    names = [str(n) for n in batch["file"]]
+    records, good = {}, []
+    for i, name in enumerate(names):
+        if batch["error"][i]:
+            records[name] = {"file": name, "error": str(batch["error"][i])}
+        else:
+            good.append(i)
+    # Batches arrive as read-only views of the object store; the engine gets arrays of its own.
+    images = [np.array(batch["image"][i], dtype=np.uint8) for i in good]
+    return names, records, good, images
+
+
 class _Segmenter:
     """An actor of the pool: holds one engine and turns batches of decoded rows into records."""
 
@@ -89,15 +108,7 @@ class _Segmenter:
         self.prompted = prompted
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [str(n) for n in batch["file"]]
-        records, good = {}, []
-        for i, name in enumerate(names):
-            if batch["error"][i]:
-                records[name] = {"file": name, "error": str(batch["error"][i])}
-            else:
-                good.append(i)
-        # Batches arrive as read-only views of the object store; the engine gets arrays of its own.
-        images = [np.array(batch["image"][i], dtype=np.uint8) for i in good]
+        names, records, good, images = decoded(batch)
         boxes = None
         if self.prompted:
             boxes = {Path(names[i]).stem: str(batch["boxes"][i]) for i in good if batch["boxes"][i]}
@@ -254,32 +265,44 @@ def run_ray_batch(
     if not todo:
         return summary
     with ray_cluster(address) as ray:
-        n, gpus, cpus = actor_plan(ray.cluster_resources(), actors, gpus_per_actor, cpus_per_actor)
-        # Ours below counts images, as plain mode's does; Ray's count rows per stage, and say so at INFO.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # Half a CPU per read task: decoding is light and partly I/O. Different resources also keep
-        # Ray from fusing the reads into the model actors on CPU-only clusters, where they would
-        # then run one after the other with the model instead of beside it.
-        ds = ray.data.from_items(_rows(todo, boxes)).map(_read_row, num_cpus=READ_CPUS)
-        ds = ds.map_batches(
-            _Segmenter,
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n),
-            num_gpus=gpus,
-            num_cpus=cpus,
-            fn_constructor_kwargs={
-                "engine_args": engine_args,
-                "params": params,
-                "mask_format": mask_format,
-                "automatic_config": automatic_config,
-                "prompted": boxes is not None,
-            },
-        )
+        plan = actor_plan(ray.cluster_resources(), actors, gpus_per_actor, cpus_per_actor)
+        segmenter = {
+            "engine_args": engine_args,
+            "params": params,
+            "mask_format": mask_format,
+            "automatic_config": automatic_config,
+            "prompted": boxes is not None,
+        }
         sink = ParquetSink(out, summary) if parquet else JsonlSink(out, summary)
         with sink, tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr) as bar:
-            for row in ds.iter_rows():
-                sink.write(json.loads(row["record"]))
+            for record in ray_records(ray, _rows(todo, boxes), _Segmenter, segmenter, batch_size, plan):
+                sink.write(record)
                 bar.update(1)
     return summary
+
+
+def ray_records(
+    ray, rows: list[dict], actor: type, actor_kwargs: dict, batch_size: int, plan: tuple[int, float, float]
+) -> Iterator[dict]:
+    """The pipeline of the module docstring: ``rows`` (``_rows``) read and decoded by CPU tasks, then
+    ``batch_size`` at a time through a pool of ``actor(**actor_kwargs)`` (``plan``: ``actor_plan``),
+    which answers each batch with a ``record`` column of JSON; the records, as they come."""
+    n, gpus, cpus = plan
+    # Callers count images with their own bar; Ray's count rows per stage, and say so at INFO.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Half a CPU per read task: decoding is light and partly I/O. Different resources also keep
+    # Ray from fusing the reads into the model actors on CPU-only clusters, where they would
+    # then run one after the other with the model instead of beside it.
+    ds = ray.data.from_items(rows).map(_read_row, num_cpus=READ_CPUS)
+    ds = ds.map_batches(
+        actor,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n),
+        num_gpus=gpus,
+        num_cpus=cpus,
+        fn_constructor_kwargs=actor_kwargs,
+    )
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])

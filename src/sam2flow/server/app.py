@@ -25,6 +25,7 @@ from ..engine.cache import EmbeddingCache
 from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
 from ..engine.prompts import Prompt, PromptBudget, PromptLimitError
+from ..engine.store import EmbeddingStore, StoreError
 from ..engine.types import ImageEmbedding
 from ..formats import mask_to_polygons, mask_to_rle
 from ..images import ImageTooLarge, load_wire_image, wire_loader
@@ -63,6 +64,7 @@ class ServerState:
             cache,
             settings.compile,
             settings.backend,
+            EmbeddingStore(settings.store, settings.store_write) if settings.store else None,
         )
         self.metrics = ServerMetrics(cache)
         self.batcher = EmbedBatcher(
@@ -231,6 +233,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(CheckpointError)
     async def _no_model(request, exc):
         return _error(503, f"model unavailable: {exc}")
+
+    @app.exception_handler(StoreError)
+    async def _bad_store(request, exc):  # the server's files, not the request, are at fault
+        return _error(500, str(exc))
 
     @app.exception_handler(ValueError)
     async def _bad_value(request, exc):

@@ -45,6 +45,8 @@ class ServerSettings(BaseSettings):
     images: str | None = None
     labels: Annotated[list[str], NoDecode] = []  # ... with these classes (also the page's class list) ...
     annotations: str | None = None  # ... saved as you go to this COCO file (default <folder name>.coco.json)
+    store: str | None = None  # embedding store ('sam2flow embed'): stored images never run the encoder ...
+    store_write: bool = False  # ... and it is read-only unless this is set
 
     @field_validator("preload", "url_hosts", "labels", mode="before")
     @classmethod
