@@ -146,27 +146,16 @@ def parse_label_config(xml: str) -> LabelConfig:
 
 @dataclass(frozen=True)
 class Region:
-    """One prompt in pixels, read from LS results: the ``Prompt``, its label and the image's (H, W)."""
+    """One prompt in pixels, read from LS results: the ``Prompt`` and its label (None: unlabelled)."""
 
     prompt: Prompt
     label: str | None
-    size: tuple[int, int] | None
 
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where} must be a finite number, got {value!r}")
     return float(value)
-
-
-def _size(item: Mapping, where: str) -> tuple[int, int] | None:
-    w, h = item.get("original_width"), item.get("original_height")
-    if w is None or h is None:
-        return None
-    w, h = _number(w, f"{where}.original_width"), _number(h, f"{where}.original_height")
-    if w < 1 or h < 1:
-        raise ValueError(f"{where}: original size {w}x{h} is empty")
-    return int(h), int(w)
 
 
 def _label(value: Mapping, kind: str) -> str | None:
@@ -210,29 +199,29 @@ def interactive_region(results: Any, image_name: str, hw: tuple[int, int]) -> Re
     """``context.result`` (LS's smart regions on the image) → one prompt: every click, the last box.
 
     Clicks are ``keypointlabels`` (or ``keypoint``) with ``is_positive`` (absent: positive); boxes
-    ``rectanglelabels`` (or ``rectangle``). The label is the last labelled region's.
+    ``rectanglelabels`` (or ``rectangle``). The label is the last labelled region's. Percentages are of
+    the fetched image's size ``hw`` (H, W), whatever ``original_width``/``original_height`` say.
     """
     points, labels, box, label = [], [], None, None
     for where, item in _results_on(results, image_name, "context.result"):
         kind, value = str(item.get("type", "")), item["value"]
-        size = _size(item, where) or hw
         if kind in ("keypointlabels", "keypoint"):
-            points.append(point_pixels(value, size, f"{where}.value"))
+            points.append(point_pixels(value, hw, f"{where}.value"))
             labels.append(0 if item.get("is_positive", True) is False else 1)
         elif kind in ("rectanglelabels", "rectangle"):
-            box = box_pixels(value, size, f"{where}.value")
+            box = box_pixels(value, hw, f"{where}.value")
         else:
             continue
         label = _label(value, kind) or label
     if box is None and 1 not in labels:
         raise ValueError("context.result: no box and no positive click on the image")
-    prompt = Prompt(box=box, points=points or None, labels=labels or None)
-    return Region(prompt, label, hw)
+    return Region(Prompt(box=box, points=points or None, labels=labels or None), label)
 
 
-def task_boxes(task: Mapping, image_name: str) -> list[Region]:
-    """The boxes a task already holds: the ``rectanglelabels`` of its latest annotation that has any
-    (cancelled ones skipped), else of its latest prediction that has any; [] when none."""
+def task_boxes(task: Mapping, image_name: str, hw: tuple[int, int]) -> list[Region]:
+    """The boxes a task already holds, in pixels of its image (``hw``: H, W): the ``rectanglelabels``
+    of its latest annotation that has any (cancelled ones skipped), else of its latest prediction
+    that has any; [] when none."""
     for source in ("annotations", "predictions"):
         items = task.get(source) or []
         for k in range(len(items) - 1, -1, -1):
@@ -242,11 +231,8 @@ def task_boxes(task: Mapping, image_name: str) -> list[Region]:
             regions = []
             for where, r in _results_on(item.get("result") or [], image_name, f"task.{source}[{k}].result"):
                 if r.get("type") in ("rectanglelabels", "rectangle"):
-                    hw = _size(r, where)
-                    if hw is None:
-                        raise ValueError(f"{where}: a box needs original_width and original_height")
                     prompt = Prompt(box=box_pixels(r["value"], hw, f"{where}.value"))
-                    regions.append(Region(prompt, _label(r["value"], str(r["type"])), hw))
+                    regions.append(Region(prompt, _label(r["value"], str(r["type"]))))
             if regions:
                 return regions
     return []
@@ -415,7 +401,7 @@ class LabelStudioBackend:
 
     def _batch(self, task: Mapping, config: LabelConfig, where: str) -> dict:
         image = self._image(task, config, where)
-        boxes = task_boxes(task, config.image_name)
+        boxes = task_boxes(task, config.image_name, image.shape[:2])
         engine = self.engine()
         embedding = engine.embed([image])[0]
         if boxes:
