@@ -33,6 +33,7 @@ from PIL import Image
 from sam2flow import Prompt, Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig
 from sam2flow.formats import polygons_to_mask
+from sam2flow.images import ImageLimits
 from sam2flow.testing import fixture
 from sam2flow.testing.scenes import make_scene, mask_to_box
 
@@ -49,7 +50,7 @@ if not LABEL_STUDIO.exists():
 brush = pytest.importorskip(
     "label_studio_sdk.converter.brush", reason="label-studio-sdk missing: pip install -e '.[label-studio]'"
 )
-from sam2flow.integrations.label_studio import mask_from_brush_rle  # noqa: E402  (needs label-studio-sdk)
+from sam2flow.integrations.label_studio import TaskImages, mask_from_brush_rle  # noqa: E402  (needs the SDK)
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Label Studio's legacy token: 40 hex digits
 SIZE = (240, 320)  # H, W of the scenes
@@ -158,9 +159,9 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_project(api, server: str, output: str, scenes) -> tuple[int, int, list[int]]:
-    """A project with ``output`` masks, the scenes' images uploaded as tasks, sam2flow connected as its
-    ML backend (basic auth carrying the API key) → (project id, ML backend id, task ids in scene order)."""
+def upload(api, output: str, scenes) -> tuple[int, list[dict]]:
+    """A project with ``output`` masks and the scenes' images uploaded as tasks → (its id, the tasks in
+    scene order)."""
     project = api("POST", "/api/projects", json={"title": f"sam2flow {output}", "label_config": label_config(output)})
     pid = project["id"]
     files = {f"scene{i}.png": (f"scene{i}.png", png(s.image), "image/png") for i, s in enumerate(scenes)}
@@ -168,6 +169,13 @@ def make_project(api, server: str, output: str, scenes) -> tuple[int, int, list[
     tasks = api("GET", "/api/tasks", params={"project": pid, "page_size": 100})["tasks"]
     by_name = {re.search(r"scene(\d+)\.png$", t["data"]["image"]).group(1): t for t in tasks}
     assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)  # relative to Label Studio
+    return pid, [by_name[str(i)] for i in range(len(scenes))]
+
+
+def make_project(api, server: str, output: str, scenes) -> tuple[int, int, list[int]]:
+    """``upload``, and sam2flow connected as the project's ML backend (basic auth carrying the API key)
+    → (project id, ML backend id, task ids in scene order)."""
+    pid, tasks = upload(api, output, scenes)
     backend = api(
         "POST",
         "/api/ml",
@@ -183,7 +191,7 @@ def make_project(api, server: str, output: str, scenes) -> tuple[int, int, list[
     )
     assert backend["readable_state"] == "Connected", backend
     assert backend["model_version"] == "sam2flow-hiera_tiny"
-    return pid, backend["id"], [by_name[str(i)]["id"] for i in range(len(scenes))]
+    return pid, backend["id"], [t["id"] for t in tasks]
 
 
 def percent_box(box) -> dict:
@@ -376,6 +384,27 @@ def test_the_backend_needs_the_key_and_answers_label_studios_health_check(server
         f"{server}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}, auth=("x", SERVER_API_KEY)
     )
     assert hook.status_code == 200
+
+
+def test_task_images_are_fetched_from_label_studio_with_a_legacy_or_a_personal_access_token(label_studio):
+    """The image of an uploaded task, fetched back as the backend does: with the legacy token, with a
+    personal access token (exchanged for an access token), and refused with a wrong key."""
+    scene = make_scene(7_000_003, size=SIZE)
+    _, (task,) = upload(label_studio, "BrushLabels", [scene])
+    ref = task["data"]["image"]
+    limits = ImageLimits(max_pixels=SIZE[0] * SIZE[1])
+    personal = label_studio("POST", "/api/token/")["token"]
+    assert personal.count(".") == 2  # a JWT
+    for key in (TOKEN, personal):
+        images = TaskImages(label_studio.url, key, limits)
+        assert np.array_equal(images.load(ref), scene.image)
+        assert np.array_equal(images.load(ref), scene.image)  # the personal token's access token, kept
+    with pytest.raises(ValueError, match="HTTP 401"):
+        TaskImages(label_studio.url, "f" * 40, limits).load(ref)
+    with pytest.raises(ValueError, match="refused LABEL_STUDIO_API_KEY"):
+        TaskImages(label_studio.url, personal[:-4] + "AAAA", limits).load(ref)
+    with pytest.raises(ValueError, match="over the limit"):
+        TaskImages(label_studio.url, TOKEN, ImageLimits(max_pixels=1000)).load(ref)
 
 
 def test_task_images_off_label_studio_are_refused_unless_url_images_are_enabled(label_studio, server):

@@ -27,9 +27,10 @@ centres as percent points. Every region carries its label and the mask's predict
 
 Images: a task's image value is a URL. One relative to LS (``/data/upload/...``,
 ``/data/local-files/?d=...``) or on LS's own host is fetched from ``label_studio_url`` with
-``Authorization: Token <label_studio_api_key>``; another http(s) URL only when the server's URL images
-are enabled (``ImageLimits.allow_urls``), without the key; ``data:`` URLs are decoded. All within the
-server's image limits (``sam2flow.images``). An image is embedded once: the engine caches by content.
+``label_studio_api_key`` (a legacy token, or a personal access token: see ``TaskImages``); another
+http(s) URL only when the server's URL images are enabled (``ImageLimits.allow_urls``), without the
+key; ``data:`` URLs are decoded. All within the server's image limits (``sam2flow.images``). An
+image is embedded once: the engine caches by content.
 
 Where the protocol was read (reference only, no code taken): ``HumanSignal/label-studio-ml-backend``
 at d02cedf35d0e (``label_studio_ml/api.py``: routes, request and answer bodies, basic auth;
@@ -44,7 +45,12 @@ serialises ``is_positive = !negative``); Label Studio's tag docs (labelstud.io/t
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
+import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -303,15 +309,19 @@ def prediction(regions: list[dict], scores: Sequence[float], model_version: str)
 # ---- images --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class TaskImages:
-    """Fetches task images: from Label Studio (``url`` with the ``api_key``), other URLs only when
-    ``limits.allow_urls``; every image within ``limits``."""
+    """Fetches task images: from Label Studio at ``url`` with its ``api_key``, other URLs only when
+    ``limits.allow_urls``; every image within ``limits``. Safe to share between threads.
 
-    url: str | None
-    api_key: str | None
-    limits: ImageLimits
-    fetch: Callable[..., bytes] = fetch_url
+    The key is a legacy token (sent as ``Authorization: Token <key>``) or a personal access token (a
+    JWT, LS 1.17 and later), which is exchanged at ``/api/token/refresh/`` for a short-lived access
+    token sent as ``Authorization: Bearer ...`` and kept until a minute before it expires.
+    """
+
+    def __init__(self, url: str | None, api_key: str | None, limits: ImageLimits, fetch: Callable = fetch_url):
+        self.url, self.api_key, self.limits, self.fetch = url, api_key, limits, fetch
+        self._access: tuple[str, float] | None = None  # (access token, when to renew it: time.time())
+        self._lock = threading.Lock()
 
     def load(self, ref: Any, where: str = "task image") -> np.ndarray:
         """A task's image value (a URL, relative to LS or not, or a ``data:`` URL) → RGB (H, W, 3)."""
@@ -319,8 +329,7 @@ class TaskImages:
             raise ValueError(f"{where}: expected the image's URL, got {type(ref).__name__}")
         if ref.startswith("data:"):
             return decode_base64_image(ref, where, self.limits)
-        absolute = urlsplit(ref).scheme != ""
-        if not absolute:
+        if not urlsplit(ref).scheme:
             if not self.url:
                 raise ValueError(
                     f"{where}: {ref[:80]!r} is relative to Label Studio: set LABEL_STUDIO_URL "
@@ -330,14 +339,48 @@ class TaskImages:
         if self.url and urlsplit(ref).netloc == urlsplit(self.url).netloc:
             host = urlsplit(ref).hostname or ""
             limits = replace(self.limits, allow_urls=True, url_hosts=(*(self.limits.url_hosts or ()), host))
-            headers = {"Authorization": f"Token {self.api_key}"} if self.api_key else None
-            return decode_image_bytes(self.fetch(ref, where, limits, headers), where, limits)
+            return decode_image_bytes(self.fetch(ref, where, limits, self._headers()), where, limits)
         if not self.limits.allow_urls:
             raise ValueError(
                 f"{where}: {ref[:80]!r} is not on Label Studio's host; URL images are disabled on this server "
                 "(SAM2FLOW_ALLOW_URL_IMAGES=true enables them)"
             )
         return decode_image_bytes(self.fetch(ref, where, self.limits), where, self.limits)
+
+    def _headers(self) -> dict[str, str] | None:
+        if not self.api_key:
+            return None
+        if self.api_key.count(".") != 2:  # a legacy token
+            return {"Authorization": f"Token {self.api_key}"}
+        with self._lock:
+            if self._access is None or time.time() >= self._access[1]:
+                self._access = self._refresh()
+            return {"Authorization": f"Bearer {self._access[0]}"}
+
+    def _refresh(self) -> tuple[str, float]:
+        """The personal access token → (access token, renewal time)."""
+        import requests
+
+        url = urljoin(self.url.rstrip("/") + "/", "api/token/refresh/")
+        try:
+            r = requests.post(url, json={"refresh": self.api_key}, timeout=self.limits.url_timeout_s)
+            access = r.json().get("access") if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            raise ValueError(f"Label Studio at {self.url} cannot be reached to renew the API token") from None
+        if not isinstance(access, str):
+            raise ValueError(f"Label Studio refused LABEL_STUDIO_API_KEY (HTTP {r.status_code} from {url})")
+        return access, _expiry(access) - 60
+
+
+def _expiry(jwt: str) -> float:
+    """A JWT's ``exp`` (seconds since the epoch), read without checking its signature (LS checks it);
+    now when it has none, so the token is renewed each time."""
+    try:
+        payload = jwt.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+        return time.time()
 
 
 # ---- the backend ---------------------------------------------------------------------------
