@@ -17,6 +17,7 @@ from the polygons, and compared with the fixture engine's own masks for the same
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -34,6 +35,14 @@ from sam2flow import Prompt, Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig
 from sam2flow.formats import polygons_to_mask
 from sam2flow.images import ImageLimits
+from sam2flow.integrations.label_studio import (
+    LabelStudioBackend,
+    TaskImages,
+    interactive_region,
+    mask_from_brush_rle,
+    parse_label_config,
+    task_boxes,
+)
 from sam2flow.testing import fixture
 from sam2flow.testing.scenes import make_scene, mask_to_box
 
@@ -42,15 +51,6 @@ from conftest import SERVER_API_KEY, SERVER_POINTS_PER_SIDE, free_port, mask_iou
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("SAM2FLOW_LABEL_STUDIO_VENV", REPO / ".venv-label-studio"))
 LABEL_STUDIO = VENV / "bin" / "label-studio"
-if not LABEL_STUDIO.exists():
-    pytest.skip(
-        f"no Label Studio at {LABEL_STUDIO}: tools/setup-dev.sh makes it (or set SAM2FLOW_LABEL_STUDIO_VENV)",
-        allow_module_level=True,
-    )
-brush = pytest.importorskip(
-    "label_studio_sdk.converter.brush", reason="label-studio-sdk missing: pip install -e '.[label-studio]'"
-)
-from sam2flow.integrations.label_studio import TaskImages, mask_from_brush_rle  # noqa: E402  (needs the SDK)
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Label Studio's legacy token: 40 hex digits
 SIZE = (240, 320)  # H, W of the scenes
@@ -74,6 +74,13 @@ def label_config(output: str) -> str:
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
     """A fresh Label Studio on a loopback port → its API as ``api(method, path, **requests_kwargs)``."""
+    if not LABEL_STUDIO.exists():
+        pytest.skip(
+            f"no Label Studio at {LABEL_STUDIO}: tools/setup-dev.sh makes it (or set SAM2FLOW_LABEL_STUDIO_VENV)"
+        )
+    pytest.importorskip(
+        "label_studio_sdk.converter.brush", reason="label-studio-sdk missing: pip install '.[label-studio]'"
+    )
     root = tmp_path_factory.mktemp("label-studio")
     port = free_port()
     env = {
@@ -415,3 +422,85 @@ def test_task_images_off_label_studio_are_refused_unless_url_images_are_enabled(
     }
     r = requests.post(f"{server}/predict", json=body, auth=("x", SERVER_API_KEY), timeout=30)
     assert r.status_code == 400 and "not on Label Studio's host" in r.json()["error"]
+
+
+# ---- the protocol without Label Studio -----------------------------------------------------
+
+
+def test_label_configs_are_read_as_label_studio_writes_them():
+    config = parse_label_config(label_config("PolygonLabels"))
+    assert (config.output.tag, config.output.name, config.image_name, config.image_key) == (
+        "PolygonLabels", "mask", "image", "image"
+    )  # fmt: skip
+    assert config.output.labels == LABELS
+    both = "<view><image name='im' value='$photo'/><polygonlabels name='p' toName='im'/>" \
+        "<brushlabels name='b' toname='im'><label value='a'/></brushlabels></view>"  # fmt: skip
+    config = parse_label_config(both)  # tags in any case; brush preferred; the image's task key
+    assert (config.output.tag, config.output.name, config.image_key, config.output.labels) == (
+        "BrushLabels", "b", "photo", ("a",)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="label 'x' is not one of"):
+        config.output.label_for("x")
+    for bad, words in [
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'/></View>", "no BrushLabels or PolygonLabels"),
+        ("<View><BrushLabels name='b' toName='nowhere'/></View>", "no BrushLabels"),
+        ("<View><Image name='i'/><BrushLabels name='b' toName='i'/></View>", "has no value"),
+        ("<View><Image", "not well-formed XML"),
+        ('<!DOCTYPE v [<!ENTITY a "aaaa">]><View>&a;</View>', "DTD or entity"),
+        ("", "missing"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            parse_label_config(bad)
+
+
+def test_smart_regions_become_one_prompt_in_pixels():
+    hw = (200, 400)
+    results = [
+        {"type": "keypointlabels", "to_name": "image", "value": {"x": 25, "y": 50, "keypointlabels": ["a"]}},
+        {"type": "keypointlabels", "to_name": "image", "value": {"x": 50, "y": 10}, "is_positive": False},
+        {"type": "rectanglelabels", "to_name": "image",
+         "value": {"x": 10, "y": 10, "width": 20, "height": 40, "rotation": 90, "rectanglelabels": ["b"]}},
+        {"type": "keypointlabels", "to_name": "other", "value": {"x": 1, "y": 1}},
+    ]  # fmt: skip
+    region = interactive_region(results, "image", hw)
+    assert region.prompt.points == [[100.0, 100.0], [200.0, 20.0]] and region.prompt.labels == [1, 0]
+    # 80 x 80 pixels turned 90 degrees clockwise about its top-left corner (40, 20)
+    assert np.allclose(region.prompt.box, [-40, 20, 40, 100]) and region.label == "b"
+    with pytest.raises(ValueError, match="no box and no positive click"):
+        interactive_region(results[1:2], "image", hw)
+    with pytest.raises(ValueError, match=r"context.result\[0\].value.x must be a finite number"):
+        interactive_region([{"type": "keypointlabels", "value": {"x": "1", "y": 2}}], "image", hw)
+
+
+def test_a_tasks_boxes_come_from_its_latest_annotation_else_its_latest_prediction():
+    def box(x, label):
+        return {"type": "rectanglelabels", "to_name": "image",
+                "value": {"x": x, "y": 0, "width": 10, "height": 10, "rectanglelabels": [label]}}  # fmt: skip
+
+    hw = (100, 100)
+    task = {
+        "annotations": [{"result": [box(1, "a")]}, {"result": [box(2, "b")]}, {"result": [], "was_cancelled": True}],
+        "predictions": [{"result": [box(3, "c"), box(4, "d")]}],
+    }
+    assert [(r.prompt.box[0], r.label) for r in task_boxes(task, "image", hw)] == [(2, "b")]
+    task["annotations"] = [{"result": []}]
+    assert [(r.prompt.box[0], r.label) for r in task_boxes(task, "image", hw)] == [(3, "c"), (4, "d")]
+    assert task_boxes({"data": {}}, "image", hw) == []
+
+
+def test_polygon_answers_in_process_on_a_data_url(engine, scene):
+    """The backend without a server: a ``data:`` URL image, polygons, the engine's own mask."""
+    backend = LabelStudioBackend(lambda: engine, TaskImages(None, None, ImageLimits()), "v")
+    image = "data:image/png;base64," + base64.b64encode(png(scene.image)).decode()
+    box = [float(v) for v in mask_to_box(scene.masks[1])]
+    body = {
+        "tasks": [{"id": 1, "data": {"image": image}}],
+        "label_config": label_config("PolygonLabels"),
+        "params": {"context": {"result": [box_result(box, "shape")]}},
+    }
+    (answer,) = backend.predict(body)["results"]
+    want = engine.predict_prompts(engine.embed([scene.image])[0], [Prompt(box=box)], multimask_output=False)
+    assert mask_iou(regions_mask(answer["result"]), want.masks[0]) >= SAME_MASK
+    assert answer["model_version"] == "v" and answer["result"][0]["value"]["polygonlabels"] == ["shape"]
+    with pytest.raises(ValueError, match="relative to Label Studio: set LABEL_STUDIO_URL"):
+        backend.predict({**body, "tasks": [{"id": 1, "data": {"image": "/data/upload/1/x.png"}}]})
