@@ -22,6 +22,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from sam2flow.formats import polygons_to_mask
 from sam2flow.images import ImageLimits
 from sam2flow.integrations.label_studio import (
     LabelStudioBackend,
+    SdkMissing,
     TaskImages,
     interactive_region,
     mask_from_brush_rle,
@@ -504,3 +506,11 @@ def test_polygon_answers_in_process_on_a_data_url(engine, scene):
     assert answer["model_version"] == "v" and answer["result"][0]["value"]["polygonlabels"] == ["shape"]
     with pytest.raises(ValueError, match="relative to Label Studio: set LABEL_STUDIO_URL"):
         backend.predict({**body, "tasks": [{"id": 1, "data": {"image": "/data/upload/1/x.png"}}]})
+
+
+def test_without_label_studio_sdk_brush_projects_are_told_what_to_install(engine, monkeypatch):
+    monkeypatch.setitem(sys.modules, "label_studio_sdk.converter.brush", None)  # as if not installed
+    backend = LabelStudioBackend(lambda: engine, TaskImages(None, None, ImageLimits()), "v")
+    with pytest.raises(SdkMissing, match=r"pip install 'sam2flow\[label-studio\]'"):
+        backend.setup({"project": "1.1", "schema": label_config("BrushLabels")})
+    assert backend.setup({"project": "1.1", "schema": label_config("PolygonLabels")}) == {"model_version": "v"}

@@ -247,15 +247,23 @@ def task_boxes(task: Mapping, image_name: str, hw: tuple[int, int]) -> list[Regi
 # ---- answers -------------------------------------------------------------------------------
 
 
-def brush_rle(mask: np.ndarray) -> list[int]:
-    """An (H, W) bool mask → LS's brush RLE (label-studio-sdk's encoder, 255 in every RGBA channel)."""
+class SdkMissing(RuntimeError):
+    """label-studio-sdk is not installed, and a project wants brush masks (the server answers 503)."""
+
+
+def _mask2rle() -> Callable[[np.ndarray], list[int]]:
     try:
         from label_studio_sdk.converter.brush import mask2rle
     except ImportError:
-        raise RuntimeError(
-            "Label Studio brush masks need label-studio-sdk: pip install 'sam2flow[label-studio]'"
+        raise SdkMissing(
+            "Label Studio brush masks need label-studio-sdk on the server: pip install 'sam2flow[label-studio]'"
         ) from None
-    return [int(v) for v in mask2rle(mask.astype(np.uint8) * 255)]
+    return mask2rle
+
+
+def brush_rle(mask: np.ndarray) -> list[int]:
+    """An (H, W) bool mask → LS's brush RLE (label-studio-sdk's encoder, 255 in every RGBA channel)."""
+    return [int(v) for v in _mask2rle()(mask.astype(np.uint8) * 255)]
 
 
 def mask_from_brush_rle(rle: Sequence[int], hw: tuple[int, int]) -> np.ndarray:
@@ -404,11 +412,12 @@ class LabelStudioBackend:
         return {"status": "UP", "model_class": MODEL_CLASS}
 
     def setup(self, body: Any) -> dict:
-        """``/setup``: check the project's config (``schema``) now, so LS shows a bad one at connect time."""
+        """``/setup``: check the project's config (``schema``) now, and that brush masks can be encoded,
+        so LS shows what is wrong when the backend is connected."""
         if not isinstance(body, Mapping):
             raise ValueError("the request body must be a JSON object")
-        if body.get("schema"):
-            parse_label_config(body["schema"])
+        if body.get("schema") and parse_label_config(body["schema"]).output.tag == "BrushLabels":
+            _mask2rle()
         return {"model_version": self.model_version}
 
     def predict(self, body: Any) -> dict:

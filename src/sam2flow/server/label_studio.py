@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from ..engine.automatic import AutomaticConfig
-from ..integrations.label_studio import LabelStudioBackend, TaskImages
+from ..integrations.label_studio import LabelStudioBackend, SdkMissing, TaskImages
 from .settings import ServerSettings
 
 
@@ -30,7 +31,8 @@ async def _json(request: Request):
 
 def label_studio_router(settings: ServerSettings, engines, authorize: Callable[[Request], None]) -> APIRouter:
     """The routes, on ``engines`` (an ``EngineProvider``: the server's state) and ``authorize(request)``
-    (raises when the request lacks the API key)."""
+    (raises when the request lacks the API key). Without label-studio-sdk, brush projects get 503
+    naming it (at ``/setup`` already, so Label Studio shows it when the backend is connected)."""
     version = (settings.preload or ["hiera_tiny"])[0]
     backend = LabelStudioBackend(
         engine=lambda: engines.get(version),
@@ -47,12 +49,18 @@ def label_studio_router(settings: ServerSettings, engines, authorize: Callable[[
     @router.post("/setup")
     async def setup(request: Request):
         authorize(request)
-        return backend.setup(await _json(request))
+        try:
+            return backend.setup(await _json(request))
+        except SdkMissing as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
 
     @router.post("/predict")
     async def predict(request: Request):
         authorize(request)
-        return await run_in_threadpool(backend.predict, await _json(request))
+        try:
+            return await run_in_threadpool(backend.predict, await _json(request))
+        except SdkMissing as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
 
     @router.post("/webhook")
     async def webhook(request: Request):
