@@ -66,7 +66,6 @@ from ..formats import mask_to_polygons
 from ..images import ImageLimits, decode_base64_image, decode_image_bytes, fetch_url
 
 OUTPUT_TAGS = ("BrushLabels", "PolygonLabels")  # what is answered, in order of preference
-PROMPT_TAGS = ("KeyPointLabels", "RectangleLabels")
 DEFAULT_LABEL = "object"  # an output control without labels
 MODEL_CLASS = "Sam2flow"  # what /health names
 
@@ -106,10 +105,6 @@ class LabelConfig:
     output: Control
     image_name: str
     image_key: str
-
-    @property
-    def output_type(self) -> str:
-        return self.output.type
 
 
 def _tag(element: ET.Element) -> str:
@@ -322,7 +317,7 @@ class TaskImages:
     ``limits.allow_urls``; every image within ``limits``. Safe to share between threads.
 
     The key is a legacy token (sent as ``Authorization: Token <key>``) or a personal access token (a
-    JWT, LS 1.17 and later), which is exchanged at ``/api/token/refresh/`` for a short-lived access
+    JWT, what LS 1.23 hands out by default), which is exchanged at ``/api/token/refresh/`` for a short-lived access
     token sent as ``Authorization: Bearer ...`` and kept until a minute before it expires.
     """
 
