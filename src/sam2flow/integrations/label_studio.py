@@ -317,7 +317,7 @@ class TaskImages:
     ``limits.allow_urls``; every image within ``limits``. Safe to share between threads.
 
     The key is a legacy token (sent as ``Authorization: Token <key>``) or a personal access token (a
-    JWT, what LS 1.23 hands out by default), which is exchanged at ``/api/token/refresh/`` for a short-lived access
+    JWT, the newer kind of LS key), which is exchanged at ``/api/token/refresh/`` for a short-lived access
     token sent as ``Authorization: Bearer ...`` and kept until a minute before it expires.
     """
 
