@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sam2flow import images
-from sam2flow.images import ImageLimits, ImageTooLarge, load_image, load_wire_image
+from sam2flow.images import ImageLimits, ImageTooLarge, decode_image_bytes, fetch_url, load_image, load_wire_image
 
 from conftest import random_image
 
@@ -150,9 +150,17 @@ def test_urls_are_off_unless_enabled_and_only_http():
             load_wire_image({"type": "url", "value": url}, "image", on)
 
 
+SEEN: list[tuple[int, str, str | None]] = []  # (port, path, Authorization header) of each request
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's name)
-        if self.path == "/ok.png":
+        SEEN.append((self.server.server_address[1], self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/redirect-to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/redirect-to/"))
+            self.end_headers()
+        elif self.path == "/ok.png":
             body = png(IMAGE)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -170,12 +178,33 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def loopback():
+def _serve():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    httpd, url = _serve()
+    yield url
     httpd.shutdown()
+
+
+def test_headers_go_to_the_first_urls_origin_only(loopback):
+    """Credentials (Label Studio's token) reach the host they are for, never a host it redirects to."""
+    other, elsewhere = _serve()
+    try:
+        allowed = ImageLimits(allow_urls=True, url_hosts=("127.0.0.1",))
+        SEEN.clear()
+        fetch_url(f"{loopback}/ok.png", "image", allowed, {"Authorization": "Token t"})
+        fetch_url(f"{loopback}/redirect-to/{loopback}/ok.png", "image", allowed, {"Authorization": "Token t"})
+        data = fetch_url(f"{loopback}/redirect-to/{elsewhere}/ok.png", "image", allowed, {"Authorization": "Token t"})
+        np.testing.assert_array_equal(decode_image_bytes(data, "image"), IMAGE)
+        port = int(elsewhere.rsplit(":", 1)[1])
+        assert [(p == port, auth) for p, _, auth in SEEN] == [(False, "Token t")] * 4 + [(True, None)]
+    finally:
+        other.shutdown()
 
 
 def test_local_addresses_need_the_operators_allowance(loopback):

@@ -27,7 +27,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +152,14 @@ def _check_size(h: int, w: int, where: str, limits: ImageLimits) -> None:
 # ---- URLs ------------------------------------------------------------------------------------
 
 
-def fetch_url(url: str, where: str, limits: ImageLimits) -> bytes:
+def fetch_url(url: str, where: str, limits: ImageLimits, headers: Mapping[str, str] | None = None) -> bytes:
     """GET an http(s) URL within ``limits``: size, whole-transfer timeout, redirects re-checked.
 
     Needs urllib3 2 (``read1``). Each hop (at most 3 redirects) must be http or https and its
     host must resolve to public addresses only, unless it is one of ``limits.url_hosts``. Name resolution and connection
     are separate steps, so a host that changes its DNS answer in between (rebinding) is not caught:
-    operators who need that guarantee put the server behind an egress proxy.
+    operators who need that guarantee put the server behind an egress proxy. ``headers`` (credentials,
+    say) go only to the first URL's origin (scheme, host and port), never to a redirect elsewhere.
     """
     import requests
 
@@ -167,10 +168,12 @@ def fetch_url(url: str, where: str, limits: ImageLimits) -> bytes:
             f"{where}: URL images are disabled on this server (SAM2FLOW_ALLOW_URL_IMAGES=true enables them)"
         )
     deadline = time.monotonic() + limits.url_timeout_s
+    origin = _origin(url)
     for _ in range(_MAX_REDIRECTS + 1):
         _check_url(url, where, limits)
         try:
-            with requests.get(url, stream=True, allow_redirects=False, timeout=limits.url_timeout_s) as r:
+            sent = headers if headers and _origin(url) == origin else None
+            with requests.get(url, headers=sent, stream=True, allow_redirects=False, timeout=limits.url_timeout_s) as r:
                 if r.is_redirect:
                     url = urljoin(url, r.headers.get("location", ""))
                     continue
@@ -216,6 +219,11 @@ def _check_url(url: str, where: str, limits: ImageLimits) -> None:
                 f"{where}: {_short(url)} is a local or private address; the operator can allow its "
                 f"host with SAM2FLOW_URL_HOSTS"
             )
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port
 
 
 def _short(url: str) -> str:

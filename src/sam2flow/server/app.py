@@ -7,6 +7,8 @@ Every invalid request gets a 4xx JSON ``{"error": ...}`` naming the problem.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import io
 import threading
@@ -33,6 +35,7 @@ from ..models.convert import CheckpointError
 from ..models.registry import get_spec
 from ..workflows.runner import run_workflow, serialize_outputs
 from .batching import BatchedEngine, EmbedBatcher, EmbeddingBatcher
+from .label_studio import label_studio_router
 from .metrics import ServerMetrics
 from .page import page_router
 from .schemas import EmbedRequest, SegmentRequest, WorkflowRunRequest
@@ -113,9 +116,19 @@ def _authorize(state: ServerState, request: Request, body_key: str | None) -> No
         request.query_params.get("api_key"),
         request.headers.get("x-api-key"),
         auth[7:] if auth.lower().startswith("bearer ") else None,
+        _basic_password(auth),  # what Label Studio sends: the key as basic auth's password
     ]
     if not any(g and hmac.compare_digest(g.encode(), expected.encode()) for g in given):
         raise Unauthorized()
+
+
+def _basic_password(auth: str) -> str | None:
+    if not auth.lower().startswith("basic "):
+        return None
+    try:
+        return base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 class BodyLimit:
@@ -363,6 +376,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return {"outputs": outputs, "profiler_trace": [], "time": time.perf_counter() - start}
 
     app.include_router(page_router(state, lambda request, key: _authorize(state, request, key)))
+    app.include_router(label_studio_router(settings, state, lambda request: _authorize(state, request, None)))
     if settings.max_body_bytes:
         app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

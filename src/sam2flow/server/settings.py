@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..engine.prompts import PromptBudget
 from ..images import ImageLimits
+
+
+def _env(field: str, plain: str) -> AliasChoices:
+    """A field read from ``SAM2FLOW_<FIELD>`` or from ``plain`` (the name another tool's users know)."""
+    return AliasChoices(field, f"SAM2FLOW_{field.upper()}", plain)
 
 
 class ServerSettings(BaseSettings):
@@ -47,6 +52,12 @@ class ServerSettings(BaseSettings):
     annotations: str | None = None  # ... saved as you go to this COCO file (default <folder name>.coco.json)
     store: str | None = None  # embedding store ('sam2flow embed'): stored images never run the encoder ...
     store_write: bool = False  # ... and it is read-only unless this is set
+    # Label Studio's ML backend (POST /predict): where task images relative to Label Studio are fetched,
+    # and its API key (sent as "Authorization: Token ..."); the names Label Studio's own backends read.
+    label_studio_url: str | None = Field(None, validation_alias=_env("label_studio_url", "LABEL_STUDIO_URL"))
+    label_studio_api_key: str | None = Field(
+        None, validation_alias=_env("label_studio_api_key", "LABEL_STUDIO_API_KEY")
+    )
 
     @field_validator("preload", "url_hosts", "labels", mode="before")
     @classmethod
