@@ -165,27 +165,3 @@ def test_server_and_cli_default_to_openvino_on_cpu(ov_engine, tiny_checkpoint, t
     assert run.returncode == 0, run.stderr
     got = rle_to_mask(json.loads(out.read_text())["predictions"][0]["rle"])
     assert mask_iou(got, want.masks[0]) >= 0.999
-
-
-def test_a_decode_cancels_the_running_piece_which_then_runs_again(ov_engine):
-    """A click that arrives mid-piece does not share the cores: the piece is cancelled, the encoder
-    waits for the decode, runs the piece again, and the embedding is the same as an undisturbed one."""
-    image = random_image(160, 200, seed=46)
-    want = ov_engine.embed([image], use_cache=False)[0]
-    chain, gate = ov_engine.encoder.chain, ov_engine._decode_first
-    cancels = chain.cancels
-    done = []
-    embedder = threading.Thread(target=lambda: done.append(ov_engine.embed([image], use_cache=False)[0]))
-    embedder.start()
-    deadline = time.monotonic() + 120
-    while chain._cancellable is None and embedder.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    with gate.decoding():
-        while (chain.cancels == cancels or gate.paused == 0) and embedder.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert chain.cancels == cancels + 1, "the running piece was not cancelled"
-        assert gate.paused == 1 and not done
-    embedder.join(120)
-    assert done, "the embed did not finish after the decode"
-    for a, b in zip((want.image_embed, *want.high_res_feats), (done[0].image_embed, *done[0].high_res_feats)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)

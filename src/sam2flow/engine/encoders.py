@@ -13,9 +13,7 @@ OpenVINO on a CPU where the ``openvino`` package imports, else torch.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -67,55 +65,6 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-class DecodeFirst:
-    """Decodes ahead of the encoder: ``wait`` (called by the encoder between trunk blocks, or between
-    OpenVINO pieces) holds the encoder while any ``decoding()`` block runs, so a click's decode gets
-    the cores after at most one block's work instead of a whole encoder forward. An encoder that can
-    stop mid-piece registers ``on_decode`` callbacks, called as a decode starts. Encoding resumes as
-    soon as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
-    """
-
-    def __init__(self):
-        self._idle = threading.Condition()
-        self._running = 0
-        self.paused = 0  # encoder forwards held at a block boundary right now
-        self._on_decode: list[Callable[[], None]] = []
-
-    def on_decode(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` each time a decode starts (an encoder's preemption)."""
-        self._on_decode.append(callback)
-
-    @property
-    def busy(self) -> bool:
-        """Whether a decode runs now."""
-        with self._idle:
-            return self._running > 0
-
-    @contextlib.contextmanager
-    def decoding(self):
-        with self._idle:
-            self._running += 1
-        for callback in self._on_decode:
-            callback()
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
-
-    def __reduce__(self):
-        # The hooks live on the model: a copied or pickled model gets a fresh, idle gate of its own
-        # (a Condition cannot be copied, and the copy must not wait for this engine's decodes).
-        return (DecodeFirst, ())
-
-    def wait(self, *_) -> None:
-        with self._idle:
-            self.paused += 1
-            self._idle.wait_for(lambda: self._running == 0)
-            self.paused -= 1
 
 
 class ImageSide(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -18,7 +19,7 @@ from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .decoder import decode, upscale_operands
-from .encoders import DecodeFirst, ImageEncoder, ImageSide, TorchEncoder, resolve_backend
+from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
@@ -56,6 +57,41 @@ def weights_fingerprint(model) -> str:
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+class DecodeFirst:
+    """Decodes ahead of the encoder: ``wait`` (a forward pre-hook on each encoder trunk block) holds
+    the encoder at a block boundary while any ``decoding()`` block runs, so a click's decode gets the
+    cores after at most one block's work instead of a whole encoder forward. Encoding resumes as soon
+    as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
+    """
+
+    def __init__(self):
+        self._idle = threading.Condition()
+        self._running = 0
+        self.paused = 0  # encoder forwards held at a block boundary right now
+
+    @contextlib.contextmanager
+    def decoding(self):
+        with self._idle:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def __reduce__(self):
+        # The hooks live on the model: a copied or pickled model gets a fresh, idle gate of its own
+        # (a Condition cannot be copied, and the copy must not wait for this engine's decodes).
+        return (DecodeFirst, ())
+
+    def wait(self, *_) -> None:
+        with self._idle:
+            self.paused += 1
+            self._idle.wait_for(lambda: self._running == 0)
+            self.paused -= 1
 
 
 class Sam2Engine:
@@ -153,7 +189,7 @@ class Sam2Engine:
             from .openvino_encoder import OpenVINOEncoder, OpenVINOError
 
             try:
-                return OpenVINOEncoder(side, self.dtype, self.input_size, fingerprint, self._decode_first)
+                return OpenVINOEncoder(side, self.dtype, self.input_size, fingerprint, self._decode_first.wait)
             except OpenVINOError as e:
                 log.warning("OpenVINO image encoder unavailable, running torch instead: %s", e)
                 self.backend = "torch"

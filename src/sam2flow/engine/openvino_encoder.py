@@ -23,7 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoders import DecodeFirst, EncoderOutput, ImageSide
+from .encoders import EncoderOutput, ImageSide
 
 CONVERSION_VERSION = 1  # bump when the pieces or their conversion change: old IR is then ignored
 BLOCKS_PER_PIECE = 2  # Hiera blocks per compiled piece: the encoder can pause every ~1/8 of its work
@@ -163,7 +163,7 @@ def _convert(side: ImageSide, layout: Layout, input_size: int, directory: Path) 
         except Exception as e:  # the converter's own errors are of many types
             raise OpenVINOError(f"OpenVINO could not convert piece {i} of the image encoder: {e}") from e
     check = [ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models]
-    got = _Chain(check, layout)(pixels.numpy())
+    got = _infer_chain(check, layout)(pixels.numpy())
     for name, want, have in zip(("image_embed", "s0", "s1"), reference, got):
         err = float(np.abs(want.numpy() - have).max())
         scale = max(1.0, float(want.abs().max()))
@@ -183,66 +183,24 @@ def _convert(side: ImageSide, layout: Layout, input_size: int, directory: Path) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _Chain:
-    """The compiled pieces run in order on one image (1, 3, S, S) float32 → the three outputs.
+def _infer_chain(compiled: list, layout: Layout) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """A function running the compiled pieces in order on one image (1, 3, S, S) float32."""
+    requests = [c.create_infer_request() for c in compiled]
 
-    ``gate`` (``DecodeFirst``): the chain waits at every piece boundary while a decode runs, and a
-    decode that starts mid-piece cancels that piece (OpenVINO stops within a few milliseconds), which
-    then runs again once the decode is done: a click never shares the cores with the encoder. A piece
-    is cancelled at most ``MAX_CANCELS`` times, so a steady stream of clicks cannot starve an image;
-    after that it runs to its end beside the decodes.
-    """
-
-    MAX_CANCELS = 2
-
-    def __init__(self, compiled: list, layout: Layout, gate: DecodeFirst | None = None):
-        self.requests = [c.create_infer_request() for c in compiled]
-        self.layout, self.gate = layout, gate
-        self._lock = threading.Lock()
-        self._cancellable = None  # the request running now, while it may still be cancelled
-        self._cancelled = False
-        self.cancels = 0  # pieces cancelled for a decode so far
-        if gate is not None:
-            gate.on_decode(self.preempt)
-
-    def preempt(self) -> None:
-        """Cancel the running piece (called as a decode starts)."""
-        with self._lock:
-            if self._cancellable is not None:
-                self._cancellable.cancel()
-                self._cancelled, self._cancellable = True, None
-
-    def _piece(self, req, inputs) -> None:
-        for attempt in range(self.MAX_CANCELS + 1):
-            if self.gate is not None:
-                self.gate.wait()
-            with self._lock:
-                self._cancelled = False
-                req.start_async(inputs, share_inputs=True)
-                self._cancellable = req if self.gate is not None and attempt < self.MAX_CANCELS else None
-            if self.gate is not None and self.gate.busy:  # a decode began between the wait and the start
-                self.preempt()
-            try:
-                req.wait()
-                return
-            except RuntimeError:
-                if not self._cancelled:
-                    raise
-                self.cancels += 1
-            finally:
-                with self._lock:
-                    self._cancellable = None
-
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+    def run(pixels: np.ndarray, pause: Callable[[], None] = lambda: None) -> tuple[np.ndarray, ...]:
         x, stages = pixels, []
-        for (_, stop), req in zip(self.layout.pieces, self.requests):
-            self._piece(req, x)
+        for (_, stop), req in zip(layout.pieces, requests):
+            pause()
+            req.infer(x, share_inputs=True, share_outputs=True)
             x = req.get_output_tensor(0).data
-            if stop - 1 in self.layout.stage_ends:
+            if stop - 1 in layout.stage_ends:
                 stages.append(x)
-        head = self.requests[-1]
-        self._piece(head, stages)
+        pause()
+        head = requests[-1]
+        head.infer(stages, share_inputs=True, share_outputs=True)
         return tuple(head.get_output_tensor(i).data.copy() for i in range(3))
+
+    return run
 
 
 class OpenVINOEncoder:
@@ -250,7 +208,7 @@ class OpenVINOEncoder:
     CPU), batches run image by image.
 
     ``fingerprint``: the model weights' hash (``weights_fingerprint``), which names the IR on disk.
-    ``gate``: the engine's ``DecodeFirst`` (clicks first: see ``_Chain``). ``free_torch``: drop the
+    ``pause``: called before each piece (the engine's ``DecodeFirst.wait``). ``free_torch``: drop the
     torch copy of the trunk and neck weights once compiled (they are not needed any more).
     """
 
@@ -263,7 +221,7 @@ class OpenVINOEncoder:
         dtype: torch.dtype,
         input_size: int,
         fingerprint: str,
-        gate: DecodeFirst | None = None,
+        pause: Callable[[], None] = lambda: None,
         free_torch: bool = True,
         cache_dir: str | os.PathLike | None = None,
     ):
@@ -273,6 +231,7 @@ class OpenVINOEncoder:
             raise OpenVINOError("the openvino package is not installed (pip install openvino)") from e
         self.precision = str(dtype).removeprefix("torch.")
         self.runs = 0
+        self._pause = pause
         layout = Layout.of(side.encoder.backbone)
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
         directory = root / _cache_key(fingerprint, input_size, layout)
@@ -290,13 +249,13 @@ class OpenVINOEncoder:
         except Exception as e:
             raise OpenVINOError(f"OpenVINO could not compile the image encoder from {directory}: {e}") from e
         self.directory = directory
-        self.chain = _Chain(compiled, layout, gate)
+        self._run = _infer_chain(compiled, layout)
         if free_torch:  # the trunk and neck now live in OpenVINO: release the torch weights
             side.encoder.to("meta")
 
     def __call__(self, pixels: torch.Tensor) -> EncoderOutput:
         outs = []
         for image in pixels.float().numpy():
-            outs.append(self.chain(image[None]))
+            outs.append(self._run(image[None], self._pause))
             self.runs += 1
         return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outs))  # type: ignore[return-value]
