@@ -34,7 +34,7 @@ from torch import nn
 from .encoders import EncoderOutput, ImageSide
 
 CONVERSION_VERSION = 1  # bump when the pieces or their conversion change: old IR is then ignored
-BLOCKS_PER_PIECE = 2  # Hiera blocks per compiled piece: the encoder can pause every ~1/8 of its work
+BLOCKS_PER_PIECE = 1  # Hiera blocks per compiled piece: the encoder can pause after every block
 CACHE_ENV = "SAM2FLOW_CACHE_DIR"
 _PRECISION_HINT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
