@@ -10,6 +10,7 @@ from .common import (
     add_model_args,
     add_ray_args,
     add_store_args,
+    engine_args,
     for_remote_workers,
     open_store,
     step_parameters,
@@ -55,15 +56,7 @@ def run(args) -> int:
     if args.out.suffix != ".jsonl":
         raise ValueError(f"--out {args.out} must end in .jsonl")
     engine = Sam2Engine.from_pretrained(
-        args.version,
-        args.family,
-        args.checkpoint,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=args.batch_size,
-        compile=args.compile,
-        backend=args.backend,
-        store=open_store(args.store, args.store_write),
+        **engine_args(args, max_batch_size=args.batch_size, store=open_store(args.store, args.store_write))
     )
     summary = run_batch(
         engine,
@@ -87,21 +80,16 @@ def _run_ray(args, config) -> int:
 
     if args.out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--out {args.out} must end in .jsonl or .parquet")
-    engine_args = {
-        "version": args.version,
-        "family": args.family,
-        "checkpoint": for_remote_workers(args.checkpoint),
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_batch_size": args.batch_size,
-        "compile": args.compile,
-        "backend": args.backend,
-        "store": open_store(args.store, args.store_write),  # an absolute path and a flag, sent to each actor
-    }
+    actor_engine = engine_args(
+        args,
+        checkpoint=for_remote_workers(args.checkpoint),
+        max_batch_size=args.batch_size,
+        store=open_store(args.store, args.store_write),  # an absolute path and a flag, sent to each actor
+    )
     summary = run_ray_batch(
         args.input,
         args.out,
-        engine_args,
+        actor_engine,
         args.boxes,
         args.format,
         args.batch_size or default_batch_size(args.device),

@@ -54,6 +54,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
 
 
+def engine_args(args, **extra) -> dict:
+    """``Sam2Engine.from_pretrained`` keywords from ``add_model_args``' flags, plus ``extra``."""
+    keys = ("version", "family", "checkpoint", "device", "dtype", "compile", "backend")
+    return {**{k: getattr(args, k) for k in keys}, **extra}
+
+
 def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument(
         "--backend",

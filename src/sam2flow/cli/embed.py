@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_args, add_ray_args, for_remote_workers
+from .common import add_model_args, add_ray_args, engine_args, for_remote_workers
 
 
 def add_parser(sub) -> None:
@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     )
     emb.add_argument("images", nargs="+", help="directories of images, glob patterns (quote them) or files")
     emb.add_argument("--store", required=True, metavar="DIR", help="the store (created if missing; re-runs skip)")
-    emb.add_argument("--batch-size", type=int, default=4, help="images embedded together")
+    emb.add_argument("--batch-size", type=int, help="images embedded together (default 1 on a CPU, 4 on GPUs)")
     add_model_args(emb)
     emb.add_argument("--ray", action="store_true", help="spread the work over Ray (pip install 'sam2flow[ray]')")
     add_ray_args(emb, "embedding")
@@ -21,33 +21,27 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..engine.engine import default_batch_size
     from ..engine.store import BYTES_PER_IMAGE, EmbeddingStore
     from ..scale.embed import job_engine, run_embed, run_ray_embed
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    engine_args = {
-        "version": args.version,
-        "family": args.family,
-        "checkpoint": args.checkpoint,
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_batch_size": args.batch_size,
-        "compile": args.compile,
-    }
+    job = engine_args(args, max_batch_size=args.batch_size)
     if args.ray:
         from ..scale.ray_common import require_ray
 
         require_ray()  # before any work: without Ray this is the one line the user sees
     store = EmbeddingStore(args.store, writable=True)
     if args.ray:
-        engine_args["checkpoint"] = for_remote_workers(args.checkpoint)
+        job["checkpoint"] = for_remote_workers(args.checkpoint)
         ray_args = (args.ray_address, args.ray_actors, args.ray_gpus_per_actor, args.ray_cpus_per_actor)
-        summary = run_ray_embed(str(store.root), args.images, engine_args, args.batch_size, *ray_args)
+        batch = args.batch_size or default_batch_size(args.device)
+        summary = run_ray_embed(str(store.root), args.images, job, batch, *ray_args)
         model_id = None  # the actors' engines know it; the whole store is counted
     else:
-        engine = job_engine(engine_args)
-        summary = run_embed(engine, store, args.images, args.batch_size)
+        engine = job_engine(job)
+        summary = run_embed(engine, store, args.images, engine.max_batch_size)
         model_id = engine.store_id
     images, size = store.usage(model_id)
     per_image = size / images if images else BYTES_PER_IMAGE

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_cleanup_args, add_model_args, floats
+from .common import add_cleanup_args, add_model_args, engine_args, floats
 
 
 def _box(text: str) -> list[float]:
@@ -106,15 +106,7 @@ def run(args) -> int:
     image = read_image_file(args.image, f"image {args.image}")
     h, w = image.shape[:2]
     prompts, class_ids, class_names, parents = _prompts(args, (h, w))
-    engine = Sam2Engine.from_pretrained(
-        args.version,
-        args.family,
-        args.checkpoint,
-        device=args.device,
-        dtype=args.dtype,
-        compile=args.compile,
-        backend=args.backend,
-    )
+    engine = Sam2Engine.from_pretrained(**engine_args(args))
     result = engine.predict_prompts(
         engine.embed([image])[0],
         prompts,
