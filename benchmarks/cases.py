@@ -655,7 +655,6 @@ def case_store(ctx: Context) -> list[dict]:
     after the warm-up, as on a server that reads it often; a cold disk adds its read time (8.4 MB)."""
     import tempfile
 
-    from sam2flow import EmbeddingCache, Sam2Engine
     from sam2flow.engine.store import EmbeddingStore
 
     s = ctx.settings
@@ -664,9 +663,11 @@ def case_store(ctx: Context) -> list[dict]:
     pts, labels = pts[:1], labels[:1]
     root = tempfile.mkdtemp(prefix="sam2flow-bench-store-")
     o = ctx.ours  # its cache is off: every call embeds (or reads the store)
-    writer = Sam2Engine(o.model, o.spec, o.device, o.dtype, cache=EmbeddingCache(0), store=EmbeddingStore(root, True))
+    writer = data.load_ours(
+        ctx.ckpt, str(o.device), str(o.dtype).removeprefix("torch."), store=EmbeddingStore(root, True)
+    )
     writer.embed([sc.image])
-    stored = Sam2Engine(o.model, o.spec, o.device, o.dtype, cache=EmbeddingCache(0), store=EmbeddingStore(root))
+    stored = data.load_ours(ctx.ckpt, str(o.device), str(o.dtype).removeprefix("torch."), store=EmbeddingStore(root))
     new_image = "ours (new image)"
 
     def first_click(engine):

@@ -72,6 +72,7 @@ def load_ours(
     max_batch_size: int | None = None,
     compile: bool = False,
     backend: str = "auto",
+    store=None,
 ):
     """Our engine with its embedding cache off, so every repeat does the full work (``backend`` and
     ``max_batch_size`` as the engine's defaults unless given: OpenVINO and batch 1 on a CPU)."""
@@ -87,6 +88,7 @@ def load_ours(
         cache=EmbeddingCache(max_entries=0),
         compile=compile,
         backend=backend,
+        store=store,
     )
 
 

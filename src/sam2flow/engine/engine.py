@@ -156,6 +156,11 @@ class Sam2Engine:
                 f"{owner_placed[1]} encoder ({owner_placed[2]}); converting it to {'/'.join(placed)} would "
                 f"change that engine too: pass copy.deepcopy(model), or the same device, dtype and backend"
             )
+        if any(p.is_meta for p in model.vision_encoder.parameters()):
+            raise ValueError(
+                "this model's image encoder runs in OpenVINO for another engine, which released its torch "
+                "weights: load the model again (or share that engine)"
+            )
         self.model = model.eval().to(self.device, torch.float32)
         self.model._sam2flow_owner = (id(model), weakref.ref(self), placed)
         streamline_encoder(self.model)
