@@ -24,8 +24,8 @@ from sam2flow.models.registry import ModelSpec, get_spec
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The suite runs the torch image encoder unless a test names another backend: tests/test_openvino.py
-# runs the OpenVINO one (parity, server, CLI, fallback). Converted encoders go to a fresh folder per run.
+# The suite runs the torch image encoder (the default) unless a test names another backend:
+# tests/test_openvino.py runs the OpenVINO one. Converted encoders go to a fresh folder per run.
 os.environ.setdefault("SAM2FLOW_BACKEND", "torch")
 os.environ.setdefault("SAM2FLOW_CACHE_DIR", tempfile.mkdtemp(prefix="sam2flow-test-cache-"))
 

@@ -1,8 +1,9 @@
 """The OpenVINO image encoder: parity with Meta, the disk cache, the fallback, the server and the CLI.
 
-The rest of the suite runs the torch encoder (conftest sets ``SAM2FLOW_BACKEND=torch``); here the
-backend is named. Converting hiera_tiny takes about half a minute, once per run: every test uses the
-same random-weight checkpoint, and later engines load the converted pieces from the cache folder.
+OpenVINO is opt-in (``backend="openvino"`` or ``SAM2FLOW_BACKEND=openvino``); the rest of the suite
+runs the torch encoder, the default. Here the backend is named. Converting hiera_tiny takes about
+half a minute, once per run: every test uses the same random-weight checkpoint, and later engines
+load the converted pieces from the cache folder.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def test_a_failed_conversion_falls_back_to_torch_with_one_line(tiny_checkpoint, 
         raise RuntimeError("unsupported operation aten::frobnicate")
 
     monkeypatch.setattr(openvino, "convert_model", broken)
-    monkeypatch.delenv(BACKEND_ENV)  # auto: OpenVINO on this CPU, until it fails
+    monkeypatch.setenv(BACKEND_ENV, "openvino")  # what a user sets to opt in, until it fails
     monkeypatch.setenv("SAM2FLOW_CACHE_DIR", str(tiny_checkpoint.parent / "empty-cache"))
     with caplog.at_level(logging.WARNING, logger="sam2flow.engine.engine"):
         engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
@@ -97,11 +98,12 @@ def test_a_failed_conversion_falls_back_to_torch_with_one_line(tiny_checkpoint, 
 
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert resolve_backend("auto", CPU) == "openvino"  # the default on a CPU, where OpenVINO is installed
+    assert resolve_backend("auto", CPU) == "torch"  # OpenVINO is opt-in (memory: see engine/encoders.py)
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_backend("openvino", CPU) == "openvino"
+    monkeypatch.setenv(BACKEND_ENV, "openvino")
+    assert resolve_backend("auto", CPU) == "openvino"
     assert resolve_backend("torch", CPU) == "torch"
-    monkeypatch.setenv(BACKEND_ENV, "torch")
-    assert resolve_backend("auto", CPU) == "torch"
     monkeypatch.setenv(BACKEND_ENV, "tensorrt")
     with pytest.raises(ValueError, match="SAM2FLOW_BACKEND='tensorrt' is not a backend"):
         resolve_backend("auto", CPU)
@@ -135,8 +137,8 @@ def test_the_openvino_encoder_pauses_between_pieces_while_a_decode_runs(ov_engin
     assert done and gate.paused == 0 and ov_engine.encoder.runs == runs + 1
 
 
-def test_server_and_cli_default_to_openvino_on_cpu(ov_engine, tiny_checkpoint, tmp_path):
-    """With the backend left to ``auto``, the server and the CLI run OpenVINO, and their masks are the
+def test_server_and_cli_run_openvino_when_asked(ov_engine, tiny_checkpoint, tmp_path):
+    """With ``SAM2FLOW_BACKEND=openvino``, the server and the CLI run OpenVINO, and their masks are the
     OpenVINO engine's (which match Meta's, above)."""
     import cv2
 
@@ -144,7 +146,7 @@ def test_server_and_cli_default_to_openvino_on_cpu(ov_engine, tiny_checkpoint, t
     box = [30, 40, 200, 180]
     want = ov_engine.segment(image, np.array([box], np.float32))
     url, proc = start_server(
-        tiny_checkpoint, tmp_path / "server.log", {BACKEND_ENV: "auto", "SAM2FLOW_PRELOAD": "hiera_tiny"}
+        tiny_checkpoint, tmp_path / "server.log", {BACKEND_ENV: "openvino", "SAM2FLOW_PRELOAD": "hiera_tiny"}
     )
     try:
         info = requests.get(f"{url}/info", timeout=30).json()
@@ -160,7 +162,7 @@ def test_server_and_cli_default_to_openvino_on_cpu(ov_engine, tiny_checkpoint, t
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, BACKEND_ENV: "auto"},
+        env={**os.environ, BACKEND_ENV: "openvino"},
     )
     assert run.returncode == 0, run.stderr
     got = rle_to_mask(json.loads(out.read_text())["predictions"][0]["rle"])

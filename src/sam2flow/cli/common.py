@@ -65,8 +65,7 @@ def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") ->
         "--backend",
         default=default,
         choices=BACKENDS,
-        help="image encoder runtime; auto (default): OpenVINO on a CPU where it is installed "
-        "(or $SAM2FLOW_BACKEND), torch on GPUs",
+        help="image encoder runtime; auto (default): $SAM2FLOW_BACKEND, else torch; openvino: CPUs only",
     )
 
 

@@ -110,8 +110,8 @@ class Sam2Engine:
     is kept in ``compile_seconds``); it pays off for long-running servers and batch jobs.
 
     ``backend`` runs the image encoder: ``"torch"``, ``"openvino"`` (CPU; ``engine/openvino_encoder.py``)
-    or ``"auto"`` (``$SAM2FLOW_BACKEND`` if set, else OpenVINO on a CPU where it is installed, torch
-    elsewhere and with ``compile=True``). If OpenVINO cannot convert or compile the encoder, the engine
+    or ``"auto"`` (``$SAM2FLOW_BACKEND`` if set, else torch: see ``engine/encoders.py`` for why OpenVINO
+    is opt-in for now). If OpenVINO cannot convert or compile the encoder, the engine
     logs one line and runs torch; ``backend`` then says what runs. ``max_batch_size`` (images per
     encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
     ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
