@@ -27,7 +27,7 @@ from .timing import Measured, measure
 
 OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
 OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
-OURS_TORCH = "ours (torch)"  # our engine with the torch encoder, where the default backend is another
+OURS_ALT = {"torch": "ours (torch)", "openvino": "ours (openvino)"}  # our engine on the other encoder backend
 ORT_META = "ONNX Runtime fp32, Meta's encoder"  # what a CPU user would pick instead: Meta's encoder exported
 OV_META = "OpenVINO fp32, Meta's encoder"  # ... and the same ONNX file on OpenVINO
 OV_META_BF16 = "OpenVINO bf16, Meta's encoder"
@@ -105,7 +105,7 @@ class Context:
     threads: int
     extra: dict = field(default_factory=dict)
     ours_compiled: Any | None = None  # --compile: an engine built with compile=True
-    ours_torch: Any | None = None  # the torch-encoder engine, where ``ours`` runs another backend
+    ours_alt: Any | None = None  # our engine on the backend ``ours`` does not run (OpenVINO on a CPU)
     exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
@@ -179,7 +179,7 @@ def rows(
     **extra,
 ) -> list[dict]:
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
-    for variant in (OURS_TORCH, ORT_META, OV_META, OV_META_BF16):  # vs the reference in float32
+    for variant in (*OURS_ALT.values(), ORT_META, OV_META, OV_META_BF16):  # vs the reference in float32
         if variant in m.samples:
             out.append(entry(ctx, config, m, unit, convert, higher_is_better, variant, warmup, **extra))
     if OURS_BF16 in m.samples:
@@ -255,8 +255,8 @@ def case_embed(ctx: Context) -> list[dict]:
         )
         if ctx.ours_compiled is not None:
             fns[OURS_COMPILED] = lambda b=batch_images: ctx.ours_compiled.embed(b, use_cache=False)
-        if ctx.ours_torch is not None:
-            fns[OURS_TORCH] = lambda b=batch_images: ctx.ours_torch.embed(b, use_cache=False)
+        if ctx.ours_alt is not None:
+            fns[OURS_ALT[ctx.ours_alt.backend]] = lambda b=batch_images: ctx.ours_alt.embed(b, use_cache=False)
         if ctx.exported is not None:
             fns[ORT_META] = lambda b=batch_images: ctx.exported.run_ort(b)
             fns[OV_META] = lambda b=batch_images: ctx.exported.run_ov(b)
@@ -413,8 +413,8 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         lambda: reference_step(ctx.predictor, images, dets, batched),
         (lambda: run_step_ours(ctx.ours_bf16, images, dets, ctx.size)) if ctx.ours_bf16 is not None else None,
     )
-    if ctx.ours_torch is not None:
-        fns[OURS_TORCH] = lambda: run_step_ours(ctx.ours_torch, images, dets, ctx.size)
+    if ctx.ours_alt is not None:
+        fns[OURS_ALT[ctx.ours_alt.backend]] = lambda: run_step_ours(ctx.ours_alt, images, dets, ctx.size)
     ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
     iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
