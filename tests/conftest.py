@@ -155,6 +155,8 @@ def start_server(checkpoint, log, env: dict | None = None):
         "SAM2FLOW_MAX_IMAGE_PIXELS": str(SERVER_MAX_PIXELS),
         "SAM2FLOW_MAX_BODY_BYTES": str(8 << 20),
         "SAM2FLOW_AUTOMATIC_POINTS_PER_SIDE": str(SERVER_POINTS_PER_SIDE),
+        # Micro-batching as on a GPU (a CPU's default is 1 image per encoder run), so the tests see batches.
+        "SAM2FLOW_MAX_BATCH_SIZE": "4",
         **(env or {}),
     }
     with open(log, "w") as out:

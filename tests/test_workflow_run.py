@@ -134,6 +134,7 @@ def test_one_image_batch_is_embedded_in_one_call(pool, tiny_engine, monkeypatch)
     calls = []
     original = tiny_engine._embed_batch
     monkeypatch.setattr(tiny_engine, "_embed_batch", lambda keys, ims: calls.append(len(ims)) or original(keys, ims))
+    monkeypatch.setattr(tiny_engine, "max_batch_size", 4)  # as on a GPU (a CPU's default is 1)
     tiny_engine.cache.clear()
     run_workflow(DEFINITION, {"image": IMAGES, "detections": DETECTIONS}, pool)
     assert calls == [2]
