@@ -56,25 +56,19 @@ def _tokens_to_shared_image(attn, q: torch.Tensor, k_img: torch.Tensor, v_img: t
     return attn.o_proj(out.transpose(0, 1).reshape(n, t, -1))
 
 
-def _with_positions(a: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``a @ (x + pos)ᵀ`` for a (N, R, C), x (N, L, C), pos (L, C), without materialising x + pos."""
-    n, r, c = a.shape
-    return torch.baddbmm((a.reshape(n * r, c) @ pos.t()).view(n, r, -1), a, x.transpose(1, 2))
-
-
-def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Tokens q (N, T, C) attend to per-prompt image tokens x (N, L, C) (keys x + pos) → (N, T, C)."""
+def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """Tokens q (N, T, C) attend to per-prompt image tokens x (N, L, C), keys xp = x + positions → (N, T, C)."""
     n, t, c = q.shape
     h = attn.num_attention_heads
     a = torch.einsum("nhtd,hdc->nhtc", _heads(attn.q_proj(q), h), attn.k_proj.weight.view(h, -1, c))
-    p = _with_positions(a.mul_(attn.scaling).reshape(n, h * t, c), x, pos).softmax(-1)  # (N, heads·T, L)
+    p = torch.bmm(a.mul_(attn.scaling).reshape(n, h * t, c), xp.transpose(1, 2)).softmax(-1)  # (N, heads·T, L)
     px = torch.bmm(p, x).view(n, h, t, c)
     out = torch.einsum("nhtc,hdc->nhtd", px, attn.v_proj.weight.view(h, -1, c)) + attn.v_proj.bias.view(h, 1, -1)
     return attn.o_proj(_merge(out))
 
 
-def _image_to_tokens(attn, x, pos, k, v, q_img=None) -> torch.Tensor:
-    """x + attention of image tokens x (N or 1, L, C) (queries x + pos) to tokens k, v (N, T, C).
+def _image_to_tokens(attn, x, xp, k, v, q_img=None) -> torch.Tensor:
+    """x + attention of image tokens x (N or 1, L, C) (queries xp = x + positions) to tokens k, v (N, T, C).
 
     Returns (N, L, C), the residual sum included. ``q_img`` (heads, L, d): the image side's query
     projection, when x is one image shared by all prompts.
@@ -87,7 +81,7 @@ def _image_to_tokens(attn, x, pos, k, v, q_img=None) -> torch.Tensor:
     else:
         b = torch.einsum("hdc,nhtd->nhtc", attn.q_proj.weight.view(h, -1, c), kh).mul_(attn.scaling)
         bias = torch.einsum("hd,nhtd->nht", attn.q_proj.bias.view(h, -1), kh).mul_(attn.scaling)
-        logits = _with_positions(b.reshape(n, h * t, c), x, pos).add_(bias.reshape(n, h * t, 1)).view(n, h, t, -1)
+        logits = torch.baddbmm(bias.reshape(n, h * t, 1), b.reshape(n, h * t, c), xp.transpose(1, 2)).view(n, h, t, -1)
     p = logits.softmax(2)  # over the tokens: (N, heads, T, L)
     # Values go through the output projection before mixing; each image token's weights sum to 1
     # per head, so the output bias rides along as bias / heads.
@@ -109,7 +103,8 @@ def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tenso
     """The two-way transformer: tokens (N, T, C), image (N or 1, L, C), positions (L, C).
 
     ``first``: ``_first_layer_image_side`` of a shared image (1, L, C), made once per image.
-    Returns (tokens (N, T, C), image tokens (N, L, C)).
+    Returns (tokens (N, T, C), image tokens (N, L, C)). Image tokens plus positions are made once per
+    layer (N × 4 MB for 4096 × 256 tokens: cheaper than a second (R × C) × (C × L) product per attention).
     """
     queries, x = tokens, image
     shared = first is not None
@@ -121,17 +116,18 @@ def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tenso
             queries = queries + _self_attention(layer.self_attn, qp, qp, queries)
         queries = _ln(layer.layer_norm1, queries)
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        q_img = None
+        q_img = xp = None
         if shared:  # one image for every prompt: its tokens are projected already
             k_img, v_img, q_img = first
             queries = queries + _tokens_to_shared_image(t2i, queries + tokens, k_img, v_img)
         else:
-            queries = queries + _tokens_to_image(t2i, queries + tokens, x, pos)
+            xp = x + pos
+            queries = queries + _tokens_to_image(t2i, queries + tokens, x, xp)
         queries = _ln(layer.layer_norm2, queries)
         queries = _ln(layer.layer_norm3, queries + layer.mlp(queries))
-        x = _ln(layer.layer_norm4, _image_to_tokens(i2t, x, pos, queries + tokens, queries, q_img))
+        x = _ln(layer.layer_norm4, _image_to_tokens(i2t, x, xp, queries + tokens, queries, q_img))
         shared = False
-    queries = queries + _tokens_to_image(tr.final_attn_token_to_image, queries + tokens, x, pos)
+    queries = queries + _tokens_to_image(tr.final_attn_token_to_image, queries + tokens, x, x + pos)
     return _ln(tr.layer_norm_final_attn, queries), x
 
 
@@ -210,7 +206,9 @@ def decode(
     c, hh, ww = image_embed.shape
     image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
     pos = image_pe[0].flatten(1).t()
-    shared = image.shape[0] == 1
+    # One image for several prompts: project its 4096 tokens once (three (4096, 256) × (256, 128)
+    # products) and share them. A single prompt is cheaper with the projections folded into its tokens.
+    shared = image.shape[0] == 1 and sparse.shape[0] > 1
     first = _first_layer_image_side(decoder.transformer.layers[0], image[0], pos) if shared else None
     if operands is None:
         operands = upscale_operands(decoder, high_res)
