@@ -60,16 +60,16 @@ def weights_fingerprint(model) -> str:
 
 
 class DecodeFirst:
-    """Decodes ahead of the encoder: ``wait`` (a forward pre-hook on each encoder trunk block) holds
-    the encoder at a block boundary while any ``decoding()`` block runs, so a click's decode gets the
-    cores after at most one block's work instead of a whole encoder forward. Encoding resumes as soon
+    """Decodes ahead of the encoder: ``wait`` (a forward pre-hook on each encoder trunk block and on
+    its MLP) holds the encoder there while any ``decoding()`` block runs, so a click's decode gets the
+    cores after at most half a block's work instead of a whole encoder forward. Encoding resumes as soon
     as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
     """
 
     def __init__(self):
         self._idle = threading.Condition()
         self._running = 0
-        self.paused = 0  # encoder forwards held at a block boundary right now
+        self.paused = 0  # encoder forwards held at a pause point right now
 
     @contextlib.contextmanager
     def decoding(self):
@@ -176,7 +176,8 @@ class Sam2Engine:
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
-        # encoder pauses at its next trunk block (or OpenVINO piece) while any decode runs (``DecodeFirst``).
+        # encoder pauses at its next half trunk block (attention or MLP; or OpenVINO piece) while any
+        # decode runs (``DecodeFirst``).
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_first = DecodeFirst()
@@ -200,8 +201,9 @@ class Sam2Engine:
                 self.backend = "torch"
         self.model.vision_encoder.to(self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
-            for block in self.model.vision_encoder.backbone.blocks:
+            for block in self.model.vision_encoder.backbone.blocks:  # pause before attention and before MLP
                 block.register_forward_pre_hook(self._decode_first.wait)
+                block.mlp.register_forward_pre_hook(self._decode_first.wait)
             return TorchEncoder(side, self.dtype)
         # torch.compile, warmed up on one blank image (timed in ``compile_seconds``); each new batch
         # size compiles once more on first use.
