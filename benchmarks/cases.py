@@ -28,6 +28,7 @@ from .timing import Measured, measure
 OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
 OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
 OURS_ALT = {"torch": "ours (torch)", "openvino": "ours (openvino)"}  # our engine on the other encoder backend
+OURS_OV_BF16 = "ours (openvino bf16)"  # our OpenVINO encoder at bf16 inference precision (native-bf16 CPUs)
 ORT_META = "ONNX Runtime fp32, Meta's encoder"  # what a CPU user would pick instead: Meta's encoder exported
 OV_META = "OpenVINO fp32, Meta's encoder"  # ... and the same ONNX file on OpenVINO
 OV_META_BF16 = "OpenVINO bf16, Meta's encoder"
@@ -106,6 +107,7 @@ class Context:
     extra: dict = field(default_factory=dict)
     ours_compiled: Any | None = None  # --compile: an engine built with compile=True
     ours_alt: Any | None = None  # our engine on the backend ``ours`` does not run (OpenVINO on a CPU)
+    ours_ov_bf16: Any | None = None  # our OpenVINO engine in bfloat16, where the CPU has it natively
     exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
@@ -176,12 +178,15 @@ def rows(
     higher_is_better=False,
     warmup=0,
     bf16_extra: dict | None = None,
+    per_variant: dict[str, dict] | None = None,
     **extra,
 ) -> list[dict]:
+    """``extra`` goes into every row, ``per_variant[v]`` over it into variant v's row only."""
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
-    for variant in (*OURS_ALT.values(), ORT_META, OV_META, OV_META_BF16):  # vs the reference in float32
+    for variant in (*OURS_ALT.values(), OURS_OV_BF16, ORT_META, OV_META, OV_META_BF16):  # vs the reference in fp32
         if variant in m.samples:
-            out.append(entry(ctx, config, m, unit, convert, higher_is_better, variant, warmup, **extra))
+            own = {**extra, **(per_variant or {}).get(variant, {})}
+            out.append(entry(ctx, config, m, unit, convert, higher_is_better, variant, warmup, **own))
     if OURS_BF16 in m.samples:
         out.append(entry(ctx, config, m, unit, convert, higher_is_better, OURS_BF16, warmup, **(bf16_extra or {})))
     if OURS_COMPILED in m.samples:
@@ -257,6 +262,8 @@ def case_embed(ctx: Context) -> list[dict]:
             fns[OURS_COMPILED] = lambda b=batch_images: ctx.ours_compiled.embed(b, use_cache=False)
         if ctx.ours_alt is not None:
             fns[OURS_ALT[ctx.ours_alt.backend]] = lambda b=batch_images: ctx.ours_alt.embed(b, use_cache=False)
+        if ctx.ours_ov_bf16 is not None:
+            fns[OURS_OV_BF16] = lambda b=batch_images: ctx.ours_ov_bf16.embed(b, use_cache=False)
         if ctx.exported is not None:
             fns[ORT_META] = lambda b=batch_images: ctx.exported.run_ort(b)
             fns[OV_META] = lambda b=batch_images: ctx.exported.run_ov(b)
@@ -415,6 +422,8 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
     )
     if ctx.ours_alt is not None:
         fns[OURS_ALT[ctx.ours_alt.backend]] = lambda: run_step_ours(ctx.ours_alt, images, dets, ctx.size)
+    if ctx.ours_ov_bf16 is not None:
+        fns[OURS_OV_BF16] = lambda: run_step_ours(ctx.ours_ov_bf16, images, dets, ctx.size)
     ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
     iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
@@ -422,6 +431,14 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
     if OURS_BF16 in m.last:
         bf16_iou, _, _ = step_iou(m.last[OURS_BF16], m.last[OURS])
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
+    per_variant = {  # each of our other engines' masks against the reference's (and bf16 against our fp32)
+        v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]} for v in OURS_ALT.values() if v in m.last
+    }
+    if OURS_OV_BF16 in m.last:
+        per_variant[OURS_OV_BF16] = {
+            "mask_iou_vs_reference": step_iou(m.last[OURS_OV_BF16], m.last[REF])[0],
+            "mask_iou_vs_fp32": step_iou(m.last[OURS_OV_BF16], m.last[OURS])[0],
+        }
     return rows(
         ctx,
         f"{len(images)} x 640x480, {n_boxes} boxes each",
@@ -431,6 +448,7 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         higher_is_better=True,
         warmup=s.step_warmup,
         bf16_extra=bf16_extra,
+        per_variant=per_variant,
         mask_iou_vs_reference=iou,
         detections_ours=n_ours,
         detections_reference=n_ref,
