@@ -20,7 +20,7 @@ from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .decoder import decode, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
-from .fast import streamline_encoder
+from .fast import add_pause_points, streamline_encoder
 from .precision import pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 from .types import (  # declared there, importable from here as before
@@ -60,9 +60,11 @@ def weights_fingerprint(model) -> str:
 
 
 class DecodeFirst:
-    """Decodes ahead of the encoder: ``wait`` (a forward pre-hook on each encoder trunk block and on
-    its MLP) holds the encoder there while any ``decoding()`` block runs, so a click's decode gets the
-    cores after at most half a block's work instead of a whole encoder forward. Encoding resumes as soon
+    """Decodes ahead of the encoder: ``wait``, called at the encoder's pause points
+    (``fast.add_pause_points``: before each trunk block's attention and MLP, between row chunks of a
+    global attention, before each neck convolution; between OpenVINO pieces), holds the encoder there
+    while any ``decoding()`` block runs, so a click's decode gets the cores after at most ~50-100 ms of
+    encoder work (2 cores, hiera_tiny) instead of a whole encoder forward. Encoding resumes as soon
     as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
     """
 
@@ -176,8 +178,7 @@ class Sam2Engine:
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
-        # encoder pauses at its next half trunk block (attention or MLP; or OpenVINO piece) while any
-        # decode runs (``DecodeFirst``).
+        # encoder pauses at its next pause point (``DecodeFirst``) while any decode runs.
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_first = DecodeFirst()
@@ -201,9 +202,7 @@ class Sam2Engine:
                 self.backend = "torch"
         self.model.vision_encoder.to(self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
-            for block in self.model.vision_encoder.backbone.blocks:  # pause before attention and before MLP
-                block.register_forward_pre_hook(self._decode_first.wait)
-                block.mlp.register_forward_pre_hook(self._decode_first.wait)
+            add_pause_points(side, self._decode_first.wait)
             return TorchEncoder(side, self.dtype)
         # torch.compile, warmed up on one blank image (timed in ``compile_seconds``); each new batch
         # size compiles once more on first use.
