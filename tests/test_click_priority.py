@@ -80,3 +80,46 @@ def test_encoder_pauses_at_a_block_while_a_decode_runs(tiny_engine):
     finally:
         handle.remove()
     assert entered.is_set() and done and gate.paused == 0
+
+
+def test_encoder_pauses_inside_a_global_attention(tiny_engine):
+    """A click arriving while a global attention runs (4096 query rows at 1024², ~200 ms on 2 cores)
+    gets the cores before that attention's rows are done: the rows go in chunks with a pause between."""
+    engine = tiny_engine
+    gate = engine._decode_first
+    block = next(b for b in engine.model.vision_encoder.backbone.blocks if b.window_size == 0)
+    image = random_image(96, 128, seed=4)
+    expected = engine.embed([image], use_cache=False)[0]
+    clicked, release, reached_proj = threading.Event(), threading.Event(), threading.Event()
+
+    def click_arrives(*_):  # inside the attention, after q/k/v, before any row is attended
+        if not clicked.is_set():
+            threading.Thread(target=lambda: _hold_decode(gate, clicked, release), daemon=True).start()
+            clicked.wait(GUARD_S)
+
+    handles = [
+        block.attn.qkv.register_forward_hook(click_arrives),
+        block.attn.proj.register_forward_pre_hook(lambda *_: reached_proj.set(), prepend=True),
+    ]
+    done = []
+    embedder = threading.Thread(target=lambda: done.append(engine.embed([image], use_cache=False)))
+    try:
+        embedder.start()
+        deadline = time.monotonic() + GUARD_S
+        while gate.paused == 0 and embedder.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.paused == 1, "the encoder did not pause for the click"
+        assert not reached_proj.is_set(), "the encoder paused only after the attention's rows were done"
+    finally:
+        release.set()
+        embedder.join(GUARD_S)
+        for h in handles:
+            h.remove()
+    assert done and gate.paused == 0
+    np.testing.assert_array_equal(done[0][0].image_embed.numpy(), expected.image_embed.numpy())
+
+
+def _hold_decode(gate, started: threading.Event, release: threading.Event) -> None:
+    with gate.decoding():
+        started.set()
+        release.wait(GUARD_S)
