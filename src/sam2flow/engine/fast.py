@@ -32,12 +32,12 @@ def _hiera_attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tenso
         pooled = F.max_pool2d(grid, self.query_stride, self.query_stride)
         h, w = pooled.shape[2:]
         query = pooled.reshape(b, heads, d, h * w).transpose(2, 3)
-    rows = getattr(self, "_sam2flow_pause_rows", 0)
-    if rows and query.shape[2] > rows:  # a global attention: query rows in chunks, a pause between them
+    rows, pauses = getattr(self, "_sam2flow_pause_rows", 0), getattr(self, "_sam2flow_pauses", ())
+    if pauses and query.shape[2] > rows:  # a global attention: query rows in chunks, a pause between them
         parts = []
         for start in range(0, query.shape[2], rows):
-            if start:
-                self._sam2flow_pause()
+            for pause in pauses if start else ():
+                pause()
             chunk = query[:, :, start : start + rows]
             parts.append(F.scaled_dot_product_attention(chunk, key, value, scale=self.scale))
         out = torch.cat(parts, 2)
@@ -71,8 +71,9 @@ def add_pause_points(side, pause: Callable[..., None], attention_rows: int = 102
     stops = [encoder.backbone.patch_embed, *encoder.neck.convs, side.conv_s0, side.conv_s1]
     for block in encoder.backbone.blocks:
         stops += [block, block.attn.proj, block.mlp, block.mlp.proj_out]
-        block.attn._sam2flow_pause = pause
-        block.attn._sam2flow_pause_rows = attention_rows
+        if attention_rows:  # every engine on this model pauses there, as with the hooks
+            block.attn._sam2flow_pauses = (*getattr(block.attn, "_sam2flow_pauses", ()), pause)
+            block.attn._sam2flow_pause_rows = attention_rows
     for module in stops:
         module.register_forward_pre_hook(pause)
 
