@@ -61,12 +61,13 @@ def _memoised(forward):
 
 
 def add_pause_points(side, pause: Callable[..., None], attention_rows: int = 1024) -> None:
-    """Call ``pause`` at the encoder's pause points (``DecodeFirst.wait``): before the patch embedding,
-    each trunk block's attention and its output projection, its MLP and the MLP's second layer, each
-    neck convolution and each high-resolution projection,
-    and between chunks of ``attention_rows`` query rows of a global attention (4096 rows in hiera's
-    global blocks, ~200 ms of work on 2 cores). Row chunks give the same values: each query row's
-    attention is computed alone. ``side``: an ``ImageSide``."""
+    """Call ``pause`` at the encoder's pause points (``DecodeFirst.wait``), ~50-100 ms of work apart on
+    2 cores for hiera_tiny: before the patch embedding, each trunk block's attention and its output
+    projection, its MLP and the MLP's second layer, each neck convolution and each high-resolution
+    projection, and between chunks of ``attention_rows`` query rows of a global attention (4096 rows
+    in hiera's global blocks, ~200 ms of work unchunked). Row chunks give the same values: each query
+    row's attention is computed alone. ``side``: an ``ImageSide``. Several engines on one model each
+    add their own ``pause``."""
     encoder = side.encoder
     stops = [encoder.backbone.patch_embed, *encoder.neck.convs, side.conv_s0, side.conv_s1]
     for block in encoder.backbone.blocks:
