@@ -432,13 +432,12 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         bf16_iou, _, _ = step_iou(m.last[OURS_BF16], m.last[OURS])
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
     per_variant = {  # each of our other engines' masks against the reference's (and bf16 against our fp32)
-        v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]} for v in OURS_ALT.values() if v in m.last
+        v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]}
+        for v in (*OURS_ALT.values(), OURS_OV_BF16)
+        if v in m.last
     }
-    if OURS_OV_BF16 in m.last:
-        per_variant[OURS_OV_BF16] = {
-            "mask_iou_vs_reference": step_iou(m.last[OURS_OV_BF16], m.last[REF])[0],
-            "mask_iou_vs_fp32": step_iou(m.last[OURS_OV_BF16], m.last[OURS])[0],
-        }
+    if OURS_OV_BF16 in per_variant:
+        per_variant[OURS_OV_BF16]["mask_iou_vs_fp32"] = step_iou(m.last[OURS_OV_BF16], m.last[OURS])[0]
     return rows(
         ctx,
         f"{len(images)} x 640x480, {n_boxes} boxes each",
