@@ -24,6 +24,9 @@ import time
 import warnings
 from pathlib import Path
 
+import sam2flow.engine  # noqa: F401  (before torch: it sets libgomp's wait policy, engine/threads.py)
+
+# isort: split
 import torch
 
 from sam2flow.engine import precision

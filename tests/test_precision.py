@@ -1,4 +1,4 @@
-"""The bfloat16 image-encoder path keeps masks within the accuracy guard of float32."""
+"""The bfloat16 path (encoder and decoder) keeps masks within the accuracy guard of float32."""
 
 from __future__ import annotations
 
@@ -23,6 +23,23 @@ def test_bfloat16_encoder_keeps_masks(tiny_checkpoint, tiny_engine):
     for i in range(len(boxes)):
         assert mask_iou(got.masks[i], want.masks[i]) >= GUARD_IOU
     np.testing.assert_allclose(got.scores, want.scores, atol=5e-3)
+
+
+def test_bfloat16_decoder_keeps_a_refining_clicks_mask(tiny_checkpoint, tiny_engine):
+    """The labelling page's path: a click refining a box's mask (its logits as the mask prompt), decoded
+    by the bf16 engine's decoder from the float32 engine's own embedding, so only the decoder differs."""
+    bf16 = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    assert bf16.decoder_dtype == torch.bfloat16 and tiny_engine.decoder_dtype == torch.float32
+    emb = tiny_engine.embed([random_image(480, 640, seed=7)])[0]
+    box = np.array([[100, 100, 500, 380]], np.float32)
+    click = dict(points=np.array([[[300, 240], [120, 120]]], np.float32), point_labels=np.array([[1, 0]]))
+    want, got = tiny_engine.predict(emb, boxes=box), bf16.predict(emb, boxes=box)
+    assert mask_iou(got.masks[0], want.masks[0]) >= GUARD_IOU
+    want2 = tiny_engine.predict(emb, **click, mask_input=want.low_res_logits, multimask_output=False)
+    got2 = bf16.predict(emb, **click, mask_input=got.low_res_logits, multimask_output=False)
+    assert mask_iou(got2.masks[0], want2.masks[0]) >= GUARD_IOU
+    assert not np.array_equal(got2.low_res_logits, want2.low_res_logits)  # it did run in bfloat16
+    np.testing.assert_allclose(got2.scores, want2.scores, atol=2e-2)
 
 
 def test_cache_keeps_precisions_apart(tiny_checkpoint, tiny_engine):
@@ -74,7 +91,8 @@ def test_engine_default_is_auto(tiny_checkpoint):
     engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu")
     assert engine.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
     assert next(engine.model.vision_encoder.parameters()).dtype == engine.dtype
-    assert next(engine.model.mask_decoder.parameters()).dtype == torch.float32
+    assert next(engine.model.mask_decoder.parameters()).dtype == torch.float32  # the reference's, kept
+    assert engine.decoder_dtype == engine.dtype  # the fused decoder follows a bf16 encoder
 
 
 def test_compiled_encoder_gives_the_same_masks(tiny_checkpoint, tiny_engine):

@@ -187,7 +187,7 @@ def decode(
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
-    high_res: tuple[torch.Tensor, torch.Tensor],
+    high_res: tuple[torch.Tensor, torch.Tensor] | None,
     multimask_output: bool,
     chunk: int = 8,
     operands: tuple[torch.Tensor, ...] | None = None,
@@ -197,7 +197,7 @@ def decode(
     ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights); ``image_embed`` (C, 64, 64);
     ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64)
     (1: the same for every prompt, so the image side is shared); ``high_res``: the stride-4 and
-    stride-8 projected features (C/8, 256, 256), (C/4, 128, 128). K = 3 with
+    stride-8 projected features (C/8, 256, 256), (C/4, 128, 128), unused when ``operands`` are given. K = 3 with
     ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable single
     mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256) tensors
     in cache; the per-image work is done once for all chunks. ``operands``: this image's

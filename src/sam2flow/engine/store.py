@@ -8,10 +8,11 @@ embeddings made on a GPU serve a CPU server) and ``<id>`` is the image's content
 about 8.4 MB an image (``BYTES_PER_IMAGE``), and in its header the format, the model id, the image
 id and the original size (H, W).
 
-Precision: the decoder runs in float32 on the stored values widened back, so float16 only rounds
-them (relative error <= 2**-11, well under the difference a bfloat16 encoder makes). ``put`` hands
-back the embedding as stored, and the engine decodes that one even on the run that computed it, so
-an image's masks do not depend on whether its embedding was just computed or read back
+Precision: the decoder runs on the stored values widened back (to float32, or bfloat16 for a bf16
+engine), so float16 only rounds them (relative error <= 2**-11, well under the difference a
+bfloat16 encoder makes). ``put`` hands back the embedding as stored, and the engine decodes that
+one even on the run that computed it, so an image's masks do not depend on whether its embedding
+was just computed or read back
 (tests/test_store.py measures stored vs fresh float32 masks: IoU >= 0.99).
 
 Files are written whole (a temporary name in the same folder, flushed to disk, then renamed), so
