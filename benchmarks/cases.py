@@ -553,10 +553,11 @@ def case_click(ctx: Context) -> list[dict]:
     """One click on an embedded 800x600 image: ours through the server over HTTP on loopback
     (``POST /page/decode``, the page's path: the previous prompt's logits as mask input, RLE and box
     out), the reference in process (``predictor.predict(point_coords, point_labels, mask_input=the
-    previous low-res logits)``, its fastest documented mode). p50/p90/p99 in the notes."""
+    previous low-res logits)``, its fastest documented mode). p50/p90/p99 in the notes. Where bf16 is
+    native, a second server in bfloat16 (what ``dtype=auto`` runs there: encoder and decoder) against
+    the reference under ``torch.autocast``."""
     import base64
     import io
-    import socket
     import threading
 
     import requests
@@ -570,48 +571,45 @@ def case_click(ctx: Context) -> list[dict]:
     sc = data.scene(700, (600, 800))
     total = s.click_warmup + s.click_repeats
     sequences = click_sequences(sc, (total + 4) // 5, 700)
-    settings = ServerSettings(
-        checkpoint=str(ctx.ckpt.path),
-        preload=[ctx.size],
-        family=ctx.ckpt.family,
-        device=str(ctx.device),
-        dtype="float32",
-    )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+    buf = io.BytesIO()
+    Image.fromarray(sc.image).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
     http = requests.Session()
-    try:
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(dtype: str) -> tuple[str, str]:
+        """A server of ``dtype`` on a free port with the scene embedded: (url, image_id)."""
+        settings = ServerSettings(
+            checkpoint=str(ctx.ckpt.path),
+            preload=[ctx.size],
+            family=ctx.ckpt.family,
+            device=str(ctx.device),
+            dtype=dtype,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=_free_port(), log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
         while not server.started:
             thread.join(0.05)
             if not thread.is_alive():
                 raise RuntimeError("the benchmark server did not start")
+        url = f"http://127.0.0.1:{server.config.port}"
         while http.get(f"{url}/readyz", timeout=600).status_code != 200:
             thread.join(0.2)
-        buf = io.BytesIO()
-        Image.fromarray(sc.image).save(buf, format="PNG")
-        r = http.post(
-            f"{url}/sam2/embed_image",
-            timeout=600,
-            json={
-                "image": {"type": "base64", "value": base64.b64encode(buf.getvalue()).decode()},
-                "sam2_version_id": ctx.size,
-            },
-        )
+        body = {"image": {"type": "base64", "value": png}, "sam2_version_id": ctx.size}
+        r = http.post(f"{url}/sam2/embed_image", timeout=600, json=body)
         r.raise_for_status()
-        image_id = r.json()["image_id"]
-        with torch.inference_mode():
-            ctx.predictor.set_image(sc.image)
-        state = {OURS: 0, REF: 0}
-        ref_prev: dict = {}
+        return url, r.json()["image_id"]
 
-        def ours():
-            n = state[OURS]
-            state[OURS] += 1
+    def ours(url: str, image_id: str) -> Callable[[], Any]:
+        count = [0]
+
+        def click():
+            n = count[0]
+            count[0] += 1
             pts, labels = sequences[n // 5]
             k = n % 5 + 1
             body = {
@@ -623,30 +621,54 @@ def case_click(ctx: Context) -> list[dict]:
             answer.raise_for_status()
             return answer.json()
 
-        def ref():
-            n = state[REF]
-            state[REF] += 1
+        return click
+
+    def ref() -> Callable[[], Any]:
+        count, prev = [0], {}
+
+        def click():
+            n = count[0]
+            count[0] += 1
             pts, labels = sequences[n // 5]
             k = n % 5 + 1
-            prev = ref_prev.get(n // 5) if k > 1 else None
             masks, scores, logits = ctx.predictor.predict(
-                point_coords=pts[:k], point_labels=labels[:k], mask_input=prev, multimask_output=k == 1
+                point_coords=pts[:k],
+                point_labels=labels[:k],
+                mask_input=prev.get(n // 5) if k > 1 else None,
+                multimask_output=k == 1,
             )
             best = int(scores.argmax())
-            ref_prev[n // 5] = logits[best : best + 1]
+            prev[n // 5] = logits[best : best + 1]
             return masks[best]
 
-        fns = {OURS: ours, REF: ctx.ref(ref)}
+        return click
+
+    try:
+        fns = ctx.competitors(ours(*start("float32")), ref(), ours(*start("bfloat16")) if ctx.ours_bf16 else None)
+        if REF_BF16 in fns:
+            fns[REF_BF16] = ctx.ref(ref(), autocast=True)  # its own click sequence and previous masks
+        with torch.inference_mode():
+            ctx.predictor.set_image(sc.image)
         ctx.log(f"click: 800x600, 1-5 points + previous mask, {s.click_warmup} warm-up + {s.click_repeats} clicks")
         m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync)
-        ours_pct, ref_pct = _percentiles(m.samples[OURS]), _percentiles(m.samples[REF])
-        emb = ctx.ours.embed([sc.image])[0]
         pts, labels = sequences[0]
-        prev = ctx.ours.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
-        breakdown = _click_breakdown(ctx.ours, emb, pts[:2], labels[:2], prev, max(5, s.click_repeats // 5))
+        extra = {}
+        for variant, engine in ((OURS, ctx.ours), (OURS_BF16, ctx.ours_bf16)):
+            if variant in m.samples:
+                emb = engine.embed([sc.image])[0]
+                prev = engine.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
+                extra[variant] = dict(
+                    ours_percentiles_ms=_percentiles(m.samples[variant]),
+                    reference_percentiles_ms=_percentiles(m.samples[REF_BF16 if variant == OURS_BF16 else REF]),
+                    ours_stages_ms=_click_breakdown(
+                        engine, emb, pts[:2], labels[:2], prev, max(5, s.click_repeats // 5)
+                    ),
+                    route="POST /page/decode on loopback (reference in process)",
+                )
     finally:
-        server.should_exit = True
-        thread.join(30)
+        for server, thread in servers:
+            server.should_exit = True
+            thread.join(30)
     return rows(
         ctx,
         "800x600, 1-5 points + mask, HTTP",
@@ -654,11 +676,17 @@ def case_click(ctx: Context) -> list[dict]:
         "ms/click",
         lambda t: 1000 * t,
         warmup=s.click_warmup,
-        ours_percentiles_ms=ours_pct,
-        reference_percentiles_ms=ref_pct,
-        ours_stages_ms=breakdown,
-        route="POST /page/decode on loopback (reference in process)",
+        bf16_extra=extra.get(OURS_BF16),
+        **extra[OURS],
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---- 7. the first click on an image whose embedding is in the store ------------------------

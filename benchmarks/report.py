@@ -284,7 +284,11 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "6. **click**: milliseconds per click on an embedded 800×600 scene, 1 to 5 points per object (each click "
         "one more point, the previous prompt's low-res logits as mask input): ours through the server over HTTP on "
         "loopback (`POST /page/decode`: RLE, box and score back) vs `predictor.predict(point_coords, point_labels, "
-        "mask_input=...)` in process; p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes.",
+        "mask_input=...)` in process; p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes. "
+        "Where bf16 is native, the bf16 row is a second server in bfloat16 (what `dtype=auto` runs there, encoder "
+        "and decoder) against the reference under `torch.autocast`. Client, servers and reference share one "
+        "process and its GIL: a client in a process of its own, as a browser is, sees shorter times "
+        "(`tools/load_test.py`).",
         "7. **store**: milliseconds for the first click on an 800×600 scene with nothing of it in memory: ours with "
         "its embedding in an `EmbeddingStore` (`sam2flow embed`; the file read, checked and widened from float16, "
         "then one decode) vs the reference's `set_image` + `predict` (it encodes every new image); our own first "

@@ -232,7 +232,7 @@ def main(argv=None) -> int:
 
                         exported = MetaExported(ref_model, predictor, log)
                     bf16, bf16_note = (None, "")
-                    if any(c in ("embed", "step") for c in timed):
+                    if any(c in ("embed", "step", "click") for c in timed):
                         bf16, bf16_note = bf16_engine(args, ckpt, device, ours, f"{d} {size}", machine)
                         log(f"{size} on {d}: bf16 encoder {bf16_note}")
                     ov_bf16 = None
