@@ -24,7 +24,6 @@ from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
-from .threads import WorkerThread
 from .types import (  # declared there, importable from here as before
     LOW_RES,
     EmbeddingStorage,
@@ -184,9 +183,6 @@ class Sam2Engine:
         # encoder pauses at its next pause point (``DecodeFirst``) while any decode runs.
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
-        # Each side runs on its own long-lived thread, whatever thread calls it (``threads.WorkerThread``).
-        self._encode_thread = WorkerThread("sam2flow-encode")
-        self._decode_thread = WorkerThread("sam2flow-decode")
         self._decode_first = DecodeFirst()
         # The decoder's per-image operands (~12 MB each) of the last few images clicked on: a click
         # refining an object reuses them instead of rebuilding them from the high-resolution features.
@@ -278,17 +274,13 @@ class Sam2Engine:
         return None if hit is None else dataclasses.replace(hit, key=key)
 
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
-        with self._lock:
-            embed, s0, s1 = self._encode_thread.run(self._encode, images)
+        with self._lock, torch.inference_mode():
+            pixels = T.preprocess(images, self.input_size, self.device, self.encoder.input_dtype)
+            embed, s0, s1 = self.encoder(pixels)
         return [
             ImageEmbedding(embed[i].clone(), (s0[i].clone(), s1[i].clone()), im.shape[:2], k)
             for i, (k, im) in enumerate(zip(keys, images))
         ]
-
-    def _encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.inference_mode():
-            pixels = T.preprocess(images, self.input_size, self.device, self.encoder.input_dtype)
-            return self.encoder(pixels)
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -370,11 +362,6 @@ class Sam2Engine:
         device, C = 3 with ``multimask_output`` else 1. For callers that rank candidates
         themselves (automatic mask generation); ``predict`` is the usual entry point.
         """
-        return self._decode_thread.run(self._decode_low_res, emb, prompts, multimask_output)
-
-    def _decode_low_res(
-        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
         coords, labels = [], []
         if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
             coords.append(torch.from_numpy(prompts.boxes).view(-1, 2, 2))
@@ -424,12 +411,7 @@ class Sam2Engine:
     def _decode(
         self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int] = (0, 0)
     ) -> Prediction:
-        return self._decode_thread.run(self._decode_now, emb, prompts, multimask_output, cleanup)
-
-    def _decode_now(
-        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int]
-    ) -> Prediction:
-        low_res, iou = self._decode_low_res(emb, prompts, multimask_output)
+        low_res, iou = self.decode_low_res(emb, prompts, multimask_output)
         with torch.inference_mode():
             best = iou.argmax(dim=1)
             rows = torch.arange(low_res.shape[0], device=low_res.device)

@@ -1,4 +1,4 @@
-"""Torch's CPU threads: how its OpenMP teams wait, and long-lived threads for each engine's work.
+"""Torch's CPU threads: how its OpenMP teams wait between kernels.
 
 torch's CPU kernels run on GNU OpenMP (libgomp) teams, one per thread that calls them. When a process
 has more OpenMP threads than cores (a second caller's team is enough on 2 cores), libgomp stops letting
@@ -13,12 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
-
-R = TypeVar("R")
 
 # Spin ~30k iterations, then sleep; measured on 2 cores: 10k-100k keep a second team's small kernels at
 # the first team's speed, libgomp's own 300k let the idle team's spinning slow the busy one again.
@@ -31,27 +25,3 @@ def tune_openmp() -> bool:
         return False
     os.environ.update(OPENMP_ENV)
     return True
-
-
-class WorkerThread:
-    """Runs every call on one long-lived thread, in order; a call made on that thread runs inline.
-
-    torch's CPU kernels run on an OpenMP team that belongs to the thread calling them. When calls
-    come from whichever thread a server's pool hands out, each caller wakes its own team while the
-    previous caller's team is still spinning, and they share the cores. Measured on a 2-core CPU
-    (bf16 decoder, one click on a cached image): 25-29 ms when one thread makes every call, 43-52 ms
-    when four threads take turns, as web servers' thread pools do.
-    """
-
-    def __init__(self, name: str):
-        self._local = threading.local()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._enter)
-
-    def _enter(self) -> None:
-        self._local.inside = True
-
-    def run(self, fn: Callable[..., R], /, *args, **kwargs) -> R:
-        """``fn(*args, **kwargs)`` on the worker thread; its exceptions are raised here."""
-        if getattr(self._local, "inside", False):
-            return fn(*args, **kwargs)
-        return self._pool.submit(fn, *args, **kwargs).result()
