@@ -187,21 +187,19 @@ def decode(
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
-    high_res: tuple[torch.Tensor, torch.Tensor] | None,
+    operands: tuple[torch.Tensor, ...],
     multimask_output: bool,
     chunk: int = 8,
-    operands: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (N, K, 256, 256) and predicted IoU (N, K) for N prompts of one image.
 
     ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights); ``image_embed`` (C, 64, 64);
     ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64)
-    (1: the same for every prompt, so the image side is shared); ``high_res``: the stride-4 and
-    stride-8 projected features (C/8, 256, 256), (C/4, 128, 128), unused when ``operands`` are given. K = 3 with
-    ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable single
-    mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256) tensors
-    in cache; the per-image work is done once for all chunks. ``operands``: this image's
-    ``upscale_operands`` when the caller keeps them (they depend on the image only, not the prompts).
+    (1: the same for every prompt, so the image side is shared); ``operands``: this image's
+    ``upscale_operands`` (they depend on the image only, not the prompts, so callers keep them). K = 3
+    with ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable
+    single mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256)
+    tensors in cache; the per-image work is done once for all chunks.
     """
     c, hh, ww = image_embed.shape
     image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
@@ -210,8 +208,6 @@ def decode(
     # products) and share them. A single prompt is cheaper with the projections folded into its tokens.
     shared = image.shape[0] == 1 and sparse.shape[0] > 1
     first = _first_layer_image_side(decoder.transformer.layers[0], image[0], pos) if shared else None
-    if operands is None:
-        operands = upscale_operands(decoder, high_res)
     out_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
     parts = []
     for i in range(0, sparse.shape[0], chunk):

@@ -184,8 +184,9 @@ class Sam2Engine:
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_first = DecodeFirst()
-        # The decoder's per-image operands (~12 MB each) of the last few images clicked on: a click
-        # refining an object reuses them instead of rebuilding them from the high-resolution features.
+        # The decoder's per-image inputs of the last few images clicked on (the image embedding in the
+        # decoder's precision and its ``upscale_operands``, ~16 MB in float32): a click refining an object
+        # reuses them instead of rebuilding them from the high-resolution features.
         self._operands: EmbeddingCache = EmbeddingCache(4, 64 << 20, size_of=lambda v: sum(t.nbytes for t in v))
         self.encoder: ImageEncoder = self._make_encoder(fingerprint, compile)
         self._model_id = f"{spec.name}|{self.backend}|{self.dtype}|{self.device}|{fingerprint}"
@@ -390,21 +391,21 @@ class Sam2Engine:
                 dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
             dd = self.decoder_dtype
             key = (emb.key, emb.high_res_feats[0].data_ptr())  # this image, these very features
-            operands = self._operands.get(key)
-            if operands is None:  # the image embedding in the decoder's precision, and its upscale_operands
+            cached = self._operands.get(key)
+            if cached is None:  # the image embedding in the decoder's precision, and its upscale_operands
                 high_res = tuple(f.to(dd) for f in emb.high_res_feats)
-                operands = (emb.image_embed.to(dd), *upscale_operands(self._decoder, high_res))
-                self._operands.put(key, operands)
+                cached = (emb.image_embed.to(dd), *upscale_operands(self._decoder, high_res))
+                self._operands.put(key, cached)
+            image, *operands = cached
             low_res, iou = decode(
                 self._decoder,
-                operands[0],
+                image,
                 self._decoder_pe,
                 sparse.to(dd),
                 dense.to(dd),
-                None,
+                tuple(operands),
                 multimask_output,
                 DECODE_CHUNK,
-                operands[1:],
             )
             return low_res.float(), iou.float()
 
