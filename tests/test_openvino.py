@@ -1,9 +1,11 @@
 """The OpenVINO image encoder: parity with Meta, the disk cache, the fallback, the server and the CLI.
 
-OpenVINO is opt-in (``backend="openvino"`` or ``SAM2FLOW_BACKEND=openvino``); the rest of the suite
-runs the torch encoder, the default. Here the backend is named. Converting hiera_tiny takes about
-half a minute, once per run: every test uses the same random-weight checkpoint, and later engines
-load the converted pieces from the cache folder.
+OpenVINO is what ``backend="auto"`` runs on a CPU, as one graph, except in an interactive engine (the
+server), which runs torch, or OpenVINO in per-block pieces when asked. The rest of the suite pins
+torch (``SAM2FLOW_BACKEND=torch`` in conftest: every random-weight checkpoint would otherwise be
+converted); here the backend is named or the pin lifted. Converting hiera_tiny takes about half a
+minute per layout, once per run: every test uses the same random-weight checkpoint, and later
+engines load the converted graph from the cache folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,36 @@ def ov_engine(tiny_checkpoint):
     return Sam2Engine.from_pretrained(
         checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino"
     )
+
+
+@pytest.fixture(scope="module")
+def ov_pieces(tiny_checkpoint):
+    """An interactive OpenVINO engine: the encoder in per-block pieces, pausing between them."""
+    return Sam2Engine.from_pretrained(
+        checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino", interactive=True
+    )
+
+
+def test_auto_runs_openvino_on_a_cpu_as_one_graph(ov_engine, tiny_checkpoint, monkeypatch):
+    """With nothing pinned, an engine on a CPU runs OpenVINO (the graph ``ov_engine`` converted, from the
+    cache), and an interactive one runs torch."""
+    monkeypatch.delenv(BACKEND_ENV)
+    engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
+    assert engine.backend == "openvino" and not engine.encoder.pieces and not engine.encoder.converted
+    assert engine.encoder.directory == ov_engine.encoder.directory
+    server_like = Sam2Engine.from_pretrained(
+        checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", interactive=True
+    )
+    assert server_like.backend == "torch" and server_like.encoder.backend == "torch"
+
+
+def test_pieces_embed_as_the_whole_graph_does(ov_engine, ov_pieces):
+    assert not ov_engine.encoder.pieces and ov_pieces.encoder.pieces
+    assert ov_pieces.encoder.directory != ov_engine.encoder.directory
+    image = random_image(150, 200, seed=46)
+    a, b = ov_engine.embed([image], use_cache=False)[0], ov_pieces.embed([image], use_cache=False)[0]
+    for want, have in zip((a.image_embed, *a.high_res_feats), (b.image_embed, *b.high_res_feats)):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-4)
 
 
 def test_openvino_runs_the_encoder_and_releases_the_torch_weights(ov_engine):
@@ -102,12 +134,16 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv("SAM2FLOW_MAX_BATCH_SIZE", raising=False)
     assert ServerSettings(device="cpu").embed_batch_size() == 1  # one image per encoder run on a CPU
     assert ServerSettings(device="cpu", max_batch_size=3).embed_batch_size() == 3
-    assert resolve_backend("auto", CPU) == "torch"  # OpenVINO is opt-in (memory: see engine/encoders.py)
+    assert resolve_backend("auto", CPU) == "openvino"
+    assert resolve_backend("auto", CPU, interactive=True) == "torch"  # clicks: see engine/encoders.py
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_backend("openvino", CPU, interactive=True) == "openvino"
     assert resolve_backend("openvino", CPU) == "openvino"
     monkeypatch.setenv(BACKEND_ENV, "openvino")
-    assert resolve_backend("auto", CPU) == "openvino"
+    assert resolve_backend("auto", CPU, interactive=True) == "openvino"
     assert resolve_backend("torch", CPU) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend("auto", CPU) == "torch"
     monkeypatch.setenv(BACKEND_ENV, "tensorrt")
     with pytest.raises(ValueError, match="SAM2FLOW_BACKEND='tensorrt' is not a backend"):
         resolve_backend("auto", CPU)
@@ -122,28 +158,40 @@ def test_compile_is_a_torch_option(tiny_checkpoint):
         Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino", compile=True)
 
 
-def test_the_openvino_encoder_pauses_between_pieces_while_a_decode_runs(ov_engine):
-    """Clicks keep their priority on OpenVINO: the encoder waits at a piece boundary during a decode."""
-    gate = ov_engine._decode_first
-    runs = ov_engine.encoder.runs
-    done = []
+@pytest.mark.parametrize("interactive", [True, False], ids=["pieces", "whole"])
+def test_the_openvino_encoder_waits_while_a_decode_runs(ov_engine, ov_pieces, interactive):
+    """Clicks keep their priority on OpenVINO: the encoder waits during a decode, at a piece boundary
+    (interactive: before each of the trunk's pieces and the head) or before the whole graph."""
+    engine = ov_pieces if interactive else ov_engine
+    gate = engine._decode_first
+    runs = engine.encoder.runs
+    done, calls = [], []
+    pause = engine.encoder._pause
+    engine.encoder._pause = lambda: (calls.append(1), pause())
     embedder = threading.Thread(
-        target=lambda: done.append(ov_engine.embed([random_image(96, 128, seed=44)], use_cache=False))
+        target=lambda: done.append(engine.embed([random_image(96, 128, seed=44)], use_cache=False))
     )
-    with gate.decoding():
-        embedder.start()
-        deadline = time.monotonic() + 120
-        while gate.paused == 0 and embedder.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gate.paused == 1, "the OpenVINO encoder did not pause for the running decode"
-        assert not done and ov_engine.encoder.runs == runs
-    embedder.join(120)
-    assert done and gate.paused == 0 and ov_engine.encoder.runs == runs + 1
+    try:
+        with gate.decoding():
+            embedder.start()
+            deadline = time.monotonic() + 120
+            while gate.paused == 0 and embedder.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert gate.paused == 1, "the OpenVINO encoder did not pause for the running decode"
+            assert not done and engine.encoder.runs == runs
+        embedder.join(120)
+    finally:
+        engine.encoder._pause = pause
+    assert done and gate.paused == 0 and engine.encoder.runs == runs + 1
+    blocks = len(engine.model.vision_encoder.backbone.blocks)
+    stages = len(engine.model.vision_encoder.backbone.stage_ends)
+    assert len(calls) == (blocks + 1 if interactive else 1) and blocks > stages
 
 
-def test_server_and_cli_run_openvino_when_asked(ov_engine, tiny_checkpoint, tmp_path):
-    """With ``SAM2FLOW_BACKEND=openvino``, the server and the CLI run OpenVINO, and their masks are the
-    OpenVINO engine's (which match Meta's, above)."""
+def test_server_and_cli_run_openvino_when_asked(ov_engine, ov_pieces, tiny_checkpoint, tmp_path):
+    """With ``SAM2FLOW_BACKEND=openvino``, the server (in pieces: it answers clicks) and the CLI run
+    OpenVINO, and their masks are the OpenVINO engine's (which match Meta's, above); with ``auto`` the
+    server runs torch."""
     import cv2
 
     image = random_image(240, 320, seed=45)
@@ -155,6 +203,13 @@ def test_server_and_cli_run_openvino_when_asked(ov_engine, tiny_checkpoint, tmp_
     try:
         info = requests.get(f"{url}/info", timeout=30).json()
         assert info["backends"] == {"hiera_tiny": "openvino"}
+    finally:
+        stop_server(proc)
+    url, proc = start_server(
+        tiny_checkpoint, tmp_path / "server-auto.log", {BACKEND_ENV: "auto", "SAM2FLOW_PRELOAD": "hiera_tiny"}
+    )
+    try:
+        assert requests.get(f"{url}/info", timeout=30).json()["backends"] == {"hiera_tiny": "torch"}
     finally:
         stop_server(proc)
     path = tmp_path / "image.png"

@@ -65,7 +65,8 @@ def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") ->
         "--backend",
         default=default,
         choices=BACKENDS,
-        help="image encoder runtime; auto (default): $SAM2FLOW_BACKEND, else torch; openvino: CPUs only",
+        help="image encoder runtime; auto (default): $SAM2FLOW_BACKEND, else openvino on a CPU "
+        "(torch for serve) and torch on a GPU; openvino: CPUs only",
     )
 
 

@@ -8,13 +8,13 @@ module; ``TorchEncoder`` runs it eagerly (or compiled) and ``OpenVINOEncoder``
 ``ImageEncoder``, which is all the engine knows of them.
 
 Backends: ``"torch"``; ``"openvino"`` (CPU only); ``"auto"``: ``$SAM2FLOW_BACKEND`` if set, else
-torch. OpenVINO is opt-in for now (hiera_tiny, 2 cores):
-- Speed: it embeds ~10 % faster than torch in float32 on an AVX2 CPU (2.26 vs 2.48 s), and runs
-  the step 1.4-1.5x faster than torch bf16 where bf16 is native.
-- Memory: its compiled pieces hold ~2.4 GB more than one graph would (3.65 vs 1.63 GiB peak for the
-  step against Meta's), and this grows with the model's depth.
-- Clicks: they wait longer behind a piece than at the torch encoder's pause points (mixed-load
-  p99 206 vs 130-145 ms, bf16).
+OpenVINO on a CPU and torch elsewhere, except for an ``interactive`` engine (one that answers clicks
+while images embed: the server), which runs torch on a CPU too. Measured on 2 cores, hiera_tiny:
+- OpenVINO as one graph embeds faster than torch (bf16 where native: 1.09-1.14 vs 1.65 s an image;
+  float32 ~10-30 % faster), which is what batch work (the step, ``batch``, Ray) wants.
+- Clicks wait behind a whole graph (~1 s), and still longer behind OpenVINO's per-block pieces than
+  at the torch encoder's finer pause points (mixed-load p99 206 vs 130-145 ms, bf16); the pieces
+  also hold ~1 GB more memory. So a server keeps torch unless told otherwise.
 """
 
 from __future__ import annotations
@@ -50,14 +50,15 @@ class ImageEncoder(Protocol):
     def __call__(self, pixels: torch.Tensor) -> EncoderOutput: ...
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"openvino"`` for ``backend`` on ``device`` (``ValueError`` for unknown names)."""
+def resolve_backend(backend: str, device: torch.device, interactive: bool = False) -> str:
+    """``"torch"`` or ``"openvino"`` for ``backend`` on ``device`` (``ValueError`` for unknown names);
+    ``interactive``: the engine answers clicks while images embed (see the module's docstring)."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={backend!r} is not a backend: expected one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            return "torch"
+            return "openvino" if device.type == "cpu" and not interactive else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "openvino" and device.type != "cpu":

@@ -114,10 +114,12 @@ class Sam2Engine:
     is kept in ``compile_seconds``); it pays off for long-running servers and batch jobs.
 
     ``backend`` runs the image encoder: ``"torch"``, ``"openvino"`` (CPU; ``engine/openvino_encoder.py``)
-    or ``"auto"`` (``$SAM2FLOW_BACKEND`` if set, else torch: see ``engine/encoders.py`` for why OpenVINO
-    is opt-in for now). If OpenVINO cannot convert or compile the encoder, the engine
-    logs one line and runs torch; ``backend`` then says what runs. ``max_batch_size`` (images per
-    encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
+    or ``"auto"`` (``$SAM2FLOW_BACKEND`` if set, else OpenVINO on a CPU and torch elsewhere, and torch
+    for an ``interactive`` engine: see ``engine/encoders.py``). If OpenVINO cannot convert or compile
+    the encoder, the engine logs one line and runs torch; ``backend`` then says what runs.
+    ``interactive``: the engine answers clicks while images embed (a server), so its encoder must
+    pause for decodes at fine intervals: OpenVINO then runs in per-block pieces instead of one graph.
+    ``max_batch_size`` (images per encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
     ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
     the cache and before the encoder, and writes what it computes when the store is writable.
     """
@@ -134,13 +136,15 @@ class Sam2Engine:
         compile: bool = False,
         backend: str = "auto",
         store: EmbeddingStorage | None = None,
+        interactive: bool = False,
     ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.spec = spec
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.backend = resolve_backend(backend, self.device)
+        self.interactive = interactive
+        self.backend = resolve_backend(backend, self.device, interactive)
         if compile and self.backend == "openvino":
             if backend == "openvino":
                 raise ValueError("compile=True compiles the torch encoder: use backend='torch' (or 'auto') with it")
@@ -206,7 +210,9 @@ class Sam2Engine:
             from .openvino_encoder import OpenVINOEncoder, OpenVINOError
 
             try:
-                return OpenVINOEncoder(side, self.dtype, self.input_size, fingerprint, self._decode_first.wait)
+                return OpenVINOEncoder(
+                    side, self.dtype, self.input_size, fingerprint, self._decode_first.wait, pieces=self.interactive
+                )
             except OpenVINOError as e:
                 log.warning("OpenVINO image encoder unavailable, running torch instead: %s", e)
                 self.backend = "torch"

@@ -1,10 +1,13 @@
 """The image side on OpenVINO: our own torch module, converted by ``openvino.convert_model``.
 
-No ONNX file is involved: the ``ImageSide`` module (``engine/encoders.py``) is converted in pieces
-(the patch embedding with the first blocks, then a few Hiera blocks at a time, then the neck and
-projections), each compiled for the CPU. Pieces keep the engine's click priority: between two
-pieces the encoder waits while a decode runs (``DecodeFirst``), as the torch encoder does between
-trunk blocks. Outputs of one piece feed the next without a copy.
+No ONNX file is involved: the ``ImageSide`` module (``engine/encoders.py``) is converted either as
+one graph (the default: fastest, and one memory arena), or, for an engine that answers clicks while
+images embed (``interactive``), in pieces (the patch embedding with the first blocks, then one
+Hiera block at a time, then the neck and projections), each compiled for the CPU. Pieces keep the
+engine's click priority: between two pieces the encoder waits while a decode runs
+(``DecodeFirst``), as the torch encoder does between trunk blocks. Outputs of one piece feed the
+next without a copy. They cost speed and memory (hiera_tiny, bf16, 2 cores: 1.23-1.31 vs
+1.09-1.14 s an image; ~1.4 vs ~0.5 GB of compiled-model memory: each piece keeps its own arena).
 
 Conversion takes about half a minute for hiera_tiny (minutes for hiera_large), once: the IR is
 kept on disk under ``$SAM2FLOW_CACHE_DIR/openvino`` (default ``~/.cache/sam2flow/openvino``),
@@ -20,6 +23,7 @@ only where the CPU has it natively), ``f16`` for float16, else ``f32``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +41,8 @@ CONVERSION_VERSION = 1  # bump when the pieces or their conversion change: old I
 BLOCKS_PER_PIECE = 1  # Hiera blocks per compiled piece: the encoder can pause after every block
 CACHE_ENV = "SAM2FLOW_CACHE_DIR"
 _PRECISION_HINT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+log = logging.getLogger(__name__)
 
 
 class OpenVINOError(RuntimeError):
@@ -99,8 +105,12 @@ class Layout:
     """How the trunk is cut: ``pieces`` are block ranges [start, stop); ``stage_ends`` the blocks whose
     output the neck takes."""
 
-    pieces: tuple[tuple[int, int], ...]
+    pieces: tuple[tuple[int, int], ...]  # empty: the whole ``ImageSide`` as one graph
     stage_ends: tuple[int, ...]
+
+    @classmethod
+    def whole(cls, backbone) -> Layout:
+        return cls((), tuple(int(e) for e in backbone.stage_ends))
 
     @classmethod
     def of(cls, backbone, blocks_per_piece: int = BLOCKS_PER_PIECE) -> Layout:
@@ -114,6 +124,8 @@ class Layout:
 
 
 def _modules(side: ImageSide, layout: Layout) -> list[nn.Module]:
+    if not layout.pieces:
+        return [side]
     backbone = side.encoder.backbone
     blocks = list(backbone.blocks)
     mods: list[nn.Module] = []
@@ -138,6 +150,8 @@ def _run_torch(mods: list[nn.Module], layout: Layout, pixels: torch.Tensor) -> t
     """Every piece's inputs (for conversion) and the final output, in torch float32."""
     inputs, stages, x = [], [], pixels
     with torch.inference_mode():
+        if not layout.pieces:
+            return [(pixels,)], mods[0](pixels)
         for (_, stop), mod in zip(layout.pieces, mods):
             inputs.append((x,))
             x = mod(x)
@@ -186,6 +200,14 @@ def _convert(side: ImageSide, layout: Layout, input_size: int, directory: Path) 
 def _infer_chain(compiled: list, layout: Layout) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
     """A function running the compiled pieces in order on one image (1, 3, S, S) float32."""
     requests = [c.create_infer_request() for c in compiled]
+    if not layout.pieces:
+
+        def run_whole(pixels: np.ndarray, pause: Callable[[], None] = lambda: None) -> tuple[np.ndarray, ...]:
+            pause()
+            requests[0].infer(pixels, share_inputs=True, share_outputs=True)
+            return tuple(requests[0].get_output_tensor(i).data.copy() for i in range(3))
+
+        return run_whole
 
     def run(pixels: np.ndarray, pause: Callable[[], None] = lambda: None) -> tuple[np.ndarray, ...]:
         x, stages = pixels, []
@@ -208,8 +230,10 @@ class OpenVINOEncoder:
     CPU), batches run image by image.
 
     ``fingerprint``: the model weights' hash (``weights_fingerprint``), which names the IR on disk.
-    ``pause``: called before each piece (the engine's ``DecodeFirst.wait``). ``free_torch``: drop the
-    torch copy of the trunk and neck weights once compiled (they are not needed any more).
+    ``pieces``: convert in pieces, one Hiera block each (for click priority), instead of one graph.
+    ``pause``: called before each piece, or once before the whole graph (the engine's
+    ``DecodeFirst.wait``). ``free_torch``: drop the torch copy of the trunk and neck weights once
+    compiled (they are not needed any more).
     """
 
     backend = "openvino"
@@ -222,6 +246,7 @@ class OpenVINOEncoder:
         input_size: int,
         fingerprint: str,
         pause: Callable[[], None] = lambda: None,
+        pieces: bool = False,
         free_torch: bool = True,
         cache_dir: str | os.PathLike | None = None,
     ):
@@ -232,11 +257,17 @@ class OpenVINOEncoder:
         self.precision = str(dtype).removeprefix("torch.")
         self.runs = 0
         self._pause = pause
-        layout = Layout.of(side.encoder.backbone)
+        self.pieces = pieces
+        layout = Layout.of(side.encoder.backbone) if pieces else Layout.whole(side.encoder.backbone)
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
         directory = root / _cache_key(fingerprint, input_size, layout)
         self.converted = not (directory / f"piece{len(layout.pieces)}.xml").is_file()
         if self.converted:
+            log.warning(
+                "converting the image encoder to OpenVINO, once for these weights (~30 s for hiera_tiny, "
+                "minutes for hiera_large); kept in %s (backend='torch' skips this)",
+                directory,
+            )
             _convert(side, layout, input_size, directory)
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(root / "compiled")})

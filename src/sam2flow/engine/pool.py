@@ -35,6 +35,7 @@ class EnginePool:
         compile: bool = False,
         backend: str = "auto",
         store: EmbeddingStorage | None = None,
+        interactive: bool = False,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be >= 1")
@@ -45,7 +46,7 @@ class EnginePool:
         self.checkpoints = dict(checkpoints or {})
         self.max_resident, self.max_batch_size = max_resident, max_batch_size
         self.compile, self.backend = compile, backend
-        self.store = store
+        self.store, self.interactive = store, interactive
         self.cache = cache if cache is not None else EmbeddingCache()
         self._engines: OrderedDict[str, Sam2Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -61,6 +62,7 @@ class EnginePool:
             cache=engine.cache,
             backend=engine.backend,
             store=engine.store,
+            interactive=engine.interactive,
         )
         pool._engines[engine.spec.version] = engine
         return pool
@@ -88,6 +90,7 @@ class EnginePool:
                 compile=self.compile,
                 backend=self.backend,
                 store=self.store,
+                interactive=self.interactive,
             )
             with self._lock:
                 self._engines[version] = engine

@@ -68,6 +68,7 @@ class ServerState:
             settings.compile,
             settings.backend,
             EmbeddingStore(settings.store, settings.store_write) if settings.store else None,
+            interactive=True,  # clicks are answered while images embed: see engine/encoders.py
         )
         self.metrics = ServerMetrics(cache)
         self.batcher = EmbedBatcher(

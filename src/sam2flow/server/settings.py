@@ -25,7 +25,7 @@ class ServerSettings(BaseSettings):
     port: int = 9001
     device: str = "auto"
     compile: bool = False  # torch.compile the image encoder at load (slow start, faster embeds)
-    backend: str = "auto"  # image encoder: auto (torch unless SAM2FLOW_BACKEND says), torch, openvino (CPU)
+    backend: str = "auto"  # image encoder: auto (torch: a server answers clicks; or SAM2FLOW_BACKEND), openvino
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it natively, else float32 (float16 on CUDA)
     family: str = "sam2.1"
     preload: Annotated[list[str], NoDecode] = []  # versions loaded at start-up; /readyz waits for them
