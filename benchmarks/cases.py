@@ -28,7 +28,8 @@ from .timing import Measured, measure
 OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference (bf16 autocast)"
 OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
 OURS_ALT = {"torch": "ours (torch)", "openvino": "ours (openvino)"}  # our engine on the other encoder backend
-OURS_OV_BF16 = "ours (openvino bf16)"  # our OpenVINO encoder at bf16 inference precision (native-bf16 CPUs)
+# our engine in bf16 on the other encoder backend (native-bf16 CPUs)
+OURS_ALT_BF16 = {"torch": "ours (torch bf16)", "openvino": "ours (openvino bf16)"}
 ORT_META = "ONNX Runtime fp32, Meta's encoder"  # what a CPU user would pick instead: Meta's encoder exported
 OV_META = "OpenVINO fp32, Meta's encoder"  # ... and the same ONNX file on OpenVINO
 OV_META_BF16 = "OpenVINO bf16, Meta's encoder"
@@ -107,7 +108,7 @@ class Context:
     extra: dict = field(default_factory=dict)
     ours_compiled: Any | None = None  # --compile: an engine built with compile=True
     ours_alt: Any | None = None  # our engine on the backend ``ours`` does not run (OpenVINO on a CPU)
-    ours_ov_bf16: Any | None = None  # our OpenVINO engine in bfloat16, where the CPU has it natively
+    ours_alt_bf16: Any | None = None  # ``ours_alt``'s backend in bfloat16, where the CPU has it natively
     exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
@@ -183,7 +184,13 @@ def rows(
 ) -> list[dict]:
     """``extra`` goes into every row, ``per_variant[v]`` over it into variant v's row only."""
     out = [entry(ctx, config, m, unit, convert, higher_is_better, OURS, warmup, **extra)]
-    for variant in (*OURS_ALT.values(), OURS_OV_BF16, ORT_META, OV_META, OV_META_BF16):  # vs the reference in fp32
+    for variant in (
+        *OURS_ALT.values(),
+        *OURS_ALT_BF16.values(),
+        ORT_META,
+        OV_META,
+        OV_META_BF16,
+    ):  # vs the reference in fp32
         if variant in m.samples:
             own = {**extra, **(per_variant or {}).get(variant, {})}
             out.append(entry(ctx, config, m, unit, convert, higher_is_better, variant, warmup, **own))
@@ -262,8 +269,10 @@ def case_embed(ctx: Context) -> list[dict]:
             fns[OURS_COMPILED] = lambda b=batch_images: ctx.ours_compiled.embed(b, use_cache=False)
         if ctx.ours_alt is not None:
             fns[OURS_ALT[ctx.ours_alt.backend]] = lambda b=batch_images: ctx.ours_alt.embed(b, use_cache=False)
-        if ctx.ours_ov_bf16 is not None:
-            fns[OURS_OV_BF16] = lambda b=batch_images: ctx.ours_ov_bf16.embed(b, use_cache=False)
+        if ctx.ours_alt_bf16 is not None:
+            fns[OURS_ALT_BF16[ctx.ours_alt_bf16.backend]] = lambda b=batch_images: ctx.ours_alt_bf16.embed(
+                b, use_cache=False
+            )
         if ctx.exported is not None:
             fns[ORT_META] = lambda b=batch_images: ctx.exported.run_ort(b)
             fns[OV_META] = lambda b=batch_images: ctx.exported.run_ov(b)
@@ -422,8 +431,8 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
     )
     if ctx.ours_alt is not None:
         fns[OURS_ALT[ctx.ours_alt.backend]] = lambda: run_step_ours(ctx.ours_alt, images, dets, ctx.size)
-    if ctx.ours_ov_bf16 is not None:
-        fns[OURS_OV_BF16] = lambda: run_step_ours(ctx.ours_ov_bf16, images, dets, ctx.size)
+    if ctx.ours_alt_bf16 is not None:
+        fns[OURS_ALT_BF16[ctx.ours_alt_bf16.backend]] = lambda: run_step_ours(ctx.ours_alt_bf16, images, dets, ctx.size)
     ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
     iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
@@ -433,11 +442,12 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
     per_variant = {  # each of our other engines' masks against the reference's (and bf16 against our fp32)
         v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]}
-        for v in (*OURS_ALT.values(), OURS_OV_BF16)
+        for v in (*OURS_ALT.values(), *OURS_ALT_BF16.values())
         if v in m.last
     }
-    if OURS_OV_BF16 in per_variant:
-        per_variant[OURS_OV_BF16]["mask_iou_vs_fp32"] = step_iou(m.last[OURS_OV_BF16], m.last[OURS])[0]
+    for v in OURS_ALT_BF16.values():
+        if v in per_variant:
+            per_variant[v]["mask_iou_vs_fp32"] = step_iou(m.last[v], m.last[OURS])[0]
     return rows(
         ctx,
         f"{len(images)} x 640x480, {n_boxes} boxes each",

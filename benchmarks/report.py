@@ -162,7 +162,7 @@ def physical_limit_lines(results: dict, machine: dict) -> list[str]:
         if e["config"] != "batch 1":
             continue
         rates = machine.get("matmul_gflops", {}).get(e["device"], {})
-        peak = rates.get("bf16") if e["variant"] == "ours (bf16)" else rates.get("fp32")
+        peak = rates.get("bf16") if "bf16" in e["variant"] else rates.get("fp32")
         frac = f", {100 * e['achieved_gflops'] / peak:.0f} % of the measured matmul rate" if peak else ""
         out.append(
             f"- {e['device']} {e['size']} {e['variant']}: "
@@ -273,9 +273,10 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "multimask on, full-resolution masks out, image already embedded: `engine.predict(embedding, boxes=...)` vs "
         "`predictor.predict(box=all boxes, multimask_output=True)` then the best of three per box.",
         "3. **step**: images per second through the workflow step (`segment_images`: numpy images → `sv.Detections` "
-        "with masks, class ids/names and metadata) vs the reference doing the same work (`set_image_batch`, "
-        "`predict_batch` with all boxes, best of three, `sv.Detections` with xyxy from the masks and the boxes' "
-        "classes). 640×480 images, 10 boxes each.",
+        "with masks, class ids/names and metadata) vs the reference doing the same work in its fastest mode "
+        "(on a CPU `set_image` + `predict` image by image, on a GPU `set_image_batch` + `predict_batch`; all boxes "
+        "of an image at once, best of three, `sv.Detections` with xyxy from the masks and the boxes' classes). "
+        "640×480 images, 1 or 4 of them, 4 or 10 boxes each.",
         "4. **automatic**: seconds for one 1024×768 image, embedding included: `embed` + `generate_masks` vs "
         "`SAM2AutomaticMaskGenerator.generate` with the same settings (the reference's defaults, one crop); "
         "masks found by each in the notes.",
@@ -294,9 +295,13 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "then one decode) vs the reference's `set_image` + `predict` (it encodes every new image); our own first "
         "click on a new image (encoder + decode) in the notes. The file is in the OS page cache after the warm-up.",
         "",
-        "`ours (bf16)` rows run our image encoder in bfloat16 (decoder in float32), only where the hardware "
-        "has bf16 arithmetic (CPU flags `avx512_bf16`/`amx_bf16`, or a GPU that supports it) and only when its "
-        "masks keep a mean IoU of at least 0.97 against float32.",
+        '`ours` rows run our engine as it comes, in float32: `backend="auto"` (OpenVINO as one graph on a CPU, '
+        "torch on a GPU). `ours (bf16)` rows are the same engine in bfloat16, encoder and decoder (what "
+        '`dtype="auto"` picks there), only where the hardware has bf16 arithmetic (CPU flags '
+        "`avx512_bf16`/`amx_bf16`, or a GPU that supports it) and only when its masks keep a mean IoU of at least "
+        "0.97 against float32; they are compared with the reference under `torch.autocast(bf16)`. "
+        "`ours (torch)` / `ours (openvino)` and their bf16 rows run the other encoder backend, against the "
+        "reference in float32. The click case's servers run what a server runs: torch (an interactive engine).",
         "",
         "## How to reproduce",
         "",

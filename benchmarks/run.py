@@ -235,11 +235,9 @@ def main(argv=None) -> int:
                     if any(c in ("embed", "step", "click") for c in timed):
                         bf16, bf16_note = bf16_engine(args, ckpt, device, ours, f"{d} {size}", machine)
                         log(f"{size} on {d}: bf16 encoder {bf16_note}")
-                    ov_bf16 = None
-                    if bf16 is not None and device.type == "cpu":  # bf16 native here and past its guard
-                        ov_bf16 = data.load_ours(ckpt, d, dtype="bfloat16", backend="openvino")
-                        if ov_bf16.backend != "openvino":
-                            ov_bf16 = None
+                    alt_bf16 = None
+                    if bf16 is not None and ours_alt is not None:  # bf16 native here and past its guard
+                        alt_bf16 = data.load_ours(ckpt, d, dtype="bfloat16", backend=other)
                     compiled = None
                     if args.compile and "embed" in timed:
                         log(f"{size} on {d}: compiling our encoder (torch.compile, dtype auto)")
@@ -264,7 +262,7 @@ def main(argv=None) -> int:
                         torch.get_num_threads(),
                         ours_compiled=compiled,
                         ours_alt=ours_alt,
-                        ours_ov_bf16=ov_bf16,
+                        ours_alt_bf16=alt_bf16,
                         exported=exported,
                     )
                     for case in timed:
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
                                 f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
                                 f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x"
                             )
-                    del ctx, ours, ours_alt, ov_bf16, exported, ref_model, predictor, bf16, compiled
+                    del ctx, ours, ours_alt, alt_bf16, exported, ref_model, predictor, bf16, compiled
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

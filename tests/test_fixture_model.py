@@ -21,6 +21,7 @@ from PIL import Image
 
 from sam2flow import Sam2Engine
 from sam2flow.engine.automatic import AutomaticConfig, generate_masks
+from sam2flow.engine.precision import native_bf16
 from sam2flow.engine.prompts import PromptArrays
 from sam2flow.engine.transforms import upsample_masks
 from sam2flow.formats import detections_to_predictions, polygons_to_mask, predictions_to_detections, rle_to_mask
@@ -96,10 +97,19 @@ def test_unprompted_mode_finds_most_objects(engine, held_out):
     assert found / total >= UNPROMPTED_BAR
 
 
-def test_bf16_encoder_keeps_masks(engine, held_out):
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_bf16_encoder_keeps_masks(engine, held_out, backend):
+    """bf16 encoder and decoder (what ``dtype="auto"`` runs where bf16 is native) against float32, on
+    both backends. OpenVINO runs bf16 only where the CPU has it (elsewhere its hint falls back to f32,
+    which would prove nothing here)."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+        if not native_bf16(torch.device("cpu")):
+            pytest.skip("OpenVINO runs bf16 only on CPUs with native bf16")
     scenes, embs = held_out
     model, spec = fixture.fixture_model()
-    fast = Sam2Engine(model, spec, device="cpu", dtype="bfloat16")
+    fast = Sam2Engine(model, spec, device="cpu", dtype="bfloat16", backend=backend)
+    assert fast.backend == backend
     ious = []
     for scene, emb, emb16 in zip(scenes[:10], embs, fast.embed([s.image for s in scenes[:10]])):
         want = engine.predict(emb, boxes=box_prompts(scene)).masks
@@ -107,6 +117,7 @@ def test_bf16_encoder_keeps_masks(engine, held_out):
         ious += [mask_iou(a, b) for a, b in zip(got, want)]
     print(f"bf16 vs float32 masks: mean IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
     assert np.mean(ious) >= 0.97 and np.min(ious) >= 0.9
+    assert np.min(ious) < 0.9999, "every mask equals float32's: the engine did not run in bf16"
 
 
 def test_runner_forwards_classes_and_yields_the_shapes(engine):
