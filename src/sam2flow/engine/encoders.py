@@ -10,8 +10,9 @@ module; ``TorchEncoder`` runs it eagerly (or compiled) and ``OpenVINOEncoder``
 Backends: ``"torch"``; ``"openvino"`` (CPU only); ``"auto"``: ``$SAM2FLOW_BACKEND`` if set, else
 OpenVINO on a CPU and torch elsewhere, except for an ``interactive`` engine (one that answers clicks
 while images embed: the server), which runs torch on a CPU too. Measured on 2 cores, hiera_tiny:
-- OpenVINO as one graph embeds faster than torch (bf16 where native: 1.09-1.14 vs 1.65 s an image;
-  float32 ~10-30 % faster), which is what batch work (the step, ``batch``, Ray) wants.
+- OpenVINO as one graph embeds faster than torch (one benchmark run, native-bf16 CPU: bf16 1.1-1.3
+  vs 1.9-2.1 s an image, float32 2.3-2.4 vs 3.4-3.5 s), which is what batch work (the step,
+  ``batch``, Ray) wants.
 - Clicks wait behind a whole graph (~1 s), and still longer behind OpenVINO's per-block pieces than
   at the torch encoder's finer pause points (mixed-load p99 206 vs 130-145 ms, bf16); the pieces
   also hold ~1 GB more memory. So a server keeps torch unless told otherwise.

@@ -293,4 +293,6 @@ class OpenVINOEncoder:
         for image in pixels.float().numpy():
             outs.append(self._run(image[None], self._pause))
             self.runs += 1
+        if len(outs) == 1:  # the usual case on a CPU (batch 1): no second copy
+            return tuple(torch.from_numpy(a) for a in outs[0])  # type: ignore[return-value]
         return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outs))  # type: ignore[return-value]
