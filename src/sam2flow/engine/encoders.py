@@ -15,7 +15,7 @@ while images embed: the server), which runs torch on a CPU too. Measured on 2 co
   ``batch``, Ray) wants.
 - Clicks wait behind a whole graph (~1 s), and still longer behind OpenVINO's per-block pieces than
   at the torch encoder's finer pause points (mixed-load p99 206 vs 130-145 ms, bf16); the pieces
-  also hold ~1 GB more memory. So a server keeps torch unless told otherwise.
+  also hold ~0.75 GB more memory. So a server keeps torch unless told otherwise.
 """
 
 from __future__ import annotations

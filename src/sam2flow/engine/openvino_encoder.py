@@ -6,8 +6,8 @@ images embed (``interactive``), in pieces (the patch embedding with the first bl
 Hiera block at a time, then the neck and projections), each compiled for the CPU. Pieces keep the
 engine's click priority: between two pieces the encoder waits while a decode runs
 (``DecodeFirst``), as the torch encoder does between trunk blocks. Outputs of one piece feed the
-next without a copy. They cost speed and memory (hiera_tiny, bf16, 2 cores: 1.23-1.31 vs
-1.09-1.14 s an image; ~1.4 vs ~0.5 GB of compiled-model memory: each piece keeps its own arena).
+next without a copy. They cost speed and memory (hiera_tiny, bf16, 2 cores: ~10 % slower, and
+~2.2 vs ~1.45 GB resident after a few images: each piece keeps its own buffers).
 
 Conversion takes about half a minute for hiera_tiny (minutes for hiera_large), once: the IR is
 kept on disk under ``$SAM2FLOW_CACHE_DIR/openvino`` (default ``~/.cache/sam2flow/openvino``),
