@@ -120,6 +120,31 @@ def test_bf16_encoder_keeps_masks(engine, held_out, backend):
     assert np.min(ious) < 0.9999, "every mask equals float32's: the engine did not run in bf16"
 
 
+@pytest.mark.parametrize("quantize", ["int8-weights", "int8"])
+def test_int8_encoder_keeps_masks(engine, held_out, quantize):
+    """OpenVINO's int8 encoders (``quantize``) against float32, under the bf16 guard, with float32
+    activations elsewhere: int8 weights (what ``auto`` runs where bf16 is not native), and int8 weights
+    and activations calibrated on generated scenes that are not the held-out ones."""
+    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    scenes, embs = held_out
+    calibration = [make_scene(2_000_000 + i).image for i in range(4)] if quantize == "int8" else None
+    model, spec = fixture.fixture_model()
+    small = Sam2Engine(model, spec, "cpu", "float32", backend="openvino", quantize=quantize, calibration=calibration)
+    assert (small.backend, small.quantize) == ("openvino", quantize)
+    ir = openvino.Core().read_model(str(small.encoder.directory / "piece0.xml"))
+    int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().bitwidth == 8]
+    assert len(int8) >= 40, "the encoder's IR holds no int8 weights"
+    ious = []
+    for scene, emb, emb8 in zip(scenes[:6], embs, small.embed([s.image for s in scenes[:6]])):
+        want = engine.predict(emb, boxes=box_prompts(scene)).masks
+        got = small.predict(emb8, boxes=box_prompts(scene)).masks
+        ious += [mask_iou(a, b) for a, b in zip(got, want)]
+    print(f"{quantize} vs float32 masks: mean IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
+    assert np.mean(ious) >= 0.97 and np.min(ious) >= 0.9
+    assert np.min(ious) < 0.9999, "every mask equals float32's: the encoder did not run in int8"
+
+
 def test_runner_forwards_classes_and_yields_the_shapes(engine):
     """Detections in the JSON prediction format, as a detector's output arrives over the wire."""
     from sam2flow.workflows.runner import run_workflow

@@ -25,6 +25,7 @@ import torch
 
 from sam2flow import Sam2Engine
 from sam2flow.engine.encoders import BACKEND_ENV, resolve_backend
+from sam2flow.engine.precision import resolve_quantize
 from sam2flow.formats import rle_to_mask
 from sam2flow.server.settings import ServerSettings
 
@@ -151,6 +152,46 @@ def test_backend_choice(monkeypatch):
         resolve_backend("onnx", CPU)
     with pytest.raises(ValueError, match="runs on the CPU, not on cuda"):
         resolve_backend("openvino", torch.device("cuda"))
+
+
+def test_quantize_choice(tiny_checkpoint, tmp_path):
+    """``auto`` quantises the weights only where ``dtype="auto"`` means float32 on OpenVINO (a CPU without
+    native bf16) for batch work; int8 activations need calibration images; bad combinations say why."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert resolve_quantize("auto", "auto", f32, "openvino", False) == "int8-weights"
+    assert resolve_quantize("auto", "auto", f32, "openvino", False, interactive=True) == "none"
+    assert resolve_quantize("auto", "float32", f32, "openvino", False) == "none"  # float32 asked for: exact
+    assert resolve_quantize("auto", "auto", bf16, "openvino", False) == "none"
+    assert resolve_quantize("auto", "auto", f32, "torch", False) == "none"
+    assert resolve_quantize("int8", "auto", bf16, "openvino", True) == "int8"
+    with pytest.raises(ValueError, match="quantize='int8' calibrates on images"):
+        resolve_quantize("int8", "auto", f32, "openvino", False)
+    with pytest.raises(ValueError, match="runs on OpenVINO, not on the torch backend"):
+        resolve_quantize("int8-weights", "auto", f32, "torch", False)
+    with pytest.raises(ValueError, match="calibration images are for quantize='int8'"):
+        resolve_quantize("int8-weights", "auto", f32, "openvino", True)
+    with pytest.raises(ValueError, match="unknown quantize 'int4'"):
+        resolve_quantize("int4", "auto", f32, "openvino", False)
+    with pytest.raises(ValueError, match="an interactive engine needs pieces"):
+        Sam2Engine.from_pretrained(
+            checkpoint=str(tiny_checkpoint),
+            device="cpu",
+            backend="openvino",
+            interactive=True,
+            quantize="int8",
+            calibration=[random_image(64, 64, seed=1)],
+        )
+    from PIL import Image
+
+    Image.fromarray(random_image(64, 64, seed=2)).save(tmp_path / "x.png")
+    run = subprocess.run(
+        [sys.executable, "-m", "sam2flow", "segment", str(tmp_path / "x.png"), "--checkpoint", str(tiny_checkpoint)]
+        + ["--box", "1,2,3,4", "--backend", "openvino", "--quantize", "int8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "calibrates on images" in run.stderr, run.stderr
 
 
 def test_compile_is_a_torch_option(tiny_checkpoint):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..engine.encoders import BACKENDS
-from ..engine.precision import DTYPE_CHOICES
+from ..engine.precision import DTYPE_CHOICES, QUANTIZE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
 
 
@@ -52,12 +52,39 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     add_backend_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow start)")
+    add_quantize_args(p)
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        default="auto",
+        choices=QUANTIZE_CHOICES,
+        help="OpenVINO encoder: int8-weights (no data needed; auto picks it on CPUs without bf16), "
+        "int8 (activations too: needs --calibration), none",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="images like yours to calibrate --quantize int8 on (a folder or a glob; 8 or more), once per weights",
+    )
+
+
+def calibration_images(source: str | None) -> list | None:
+    """``--calibration``'s images as RGB arrays (``ValueError`` naming what is wrong)."""
+    if source is None:
+        return None
+    from ..images import read_image_file
+    from ..scale.batch import list_images
+
+    return [read_image_file(p, f"--calibration image {p}") for p in list_images(source)]
 
 
 def engine_args(args, **extra) -> dict:
     """``Sam2Engine.from_pretrained`` keywords from ``add_model_args``' flags, plus ``extra``."""
-    keys = ("version", "family", "checkpoint", "device", "dtype", "compile", "backend")
-    return {**{k: getattr(args, k) for k in keys}, **extra}
+    keys = ("version", "family", "checkpoint", "device", "dtype", "compile", "backend", "quantize")
+    found = {k: getattr(args, k) for k in keys}
+    return {**found, "calibration": calibration_images(args.calibration), **extra}
 
 
 def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..engine.precision import DTYPE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES
-from .common import add_backend_arg
+from .common import add_backend_arg, add_quantize_args, calibration_images
 
 
 def add_parser(sub) -> None:
@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
         help="image encoder precision; auto: bfloat16 where the hardware has it (default)",
     )
     add_backend_arg(run_)
+    add_quantize_args(run_)
     run_.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run_.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     run_.add_argument(
@@ -91,7 +92,16 @@ def run(args) -> int:
     if args.remote or os.environ.get("SAM2FLOW_REMOTE_URL"):
         results = run_workflow(definition, inputs, execution="remote", api_url=args.remote)
     else:
-        pool = EnginePool(args.family, args.device, args.dtype, checkpoints, backend=args.backend)
+        calibration = calibration_images(args.calibration)
+        pool = EnginePool(
+            args.family,
+            args.device,
+            args.dtype,
+            checkpoints,
+            backend=args.backend,
+            quantize=args.quantize,
+            calibration=calibration,
+        )
         results = run_workflow(definition, inputs, pool)
     text = json.dumps(serialize_outputs(results, "rle" if args.format == "rle" else "polygon"))
     if args.out:

@@ -22,7 +22,7 @@ from .cache import EmbeddingCache, content_hash
 from .decoder import decode, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
-from .precision import decoder_dtype, pick_device, resolve_dtype
+from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
 from .types import (  # declared there, importable from here as before
     LOW_RES,
@@ -122,6 +122,11 @@ class Sam2Engine:
     ``max_batch_size`` (images per encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
     ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
     the cache and before the encoder, and writes what it computes when the store is writable.
+    ``quantize`` (OpenVINO only; ``precision.resolve_quantize``): ``"int8-weights"`` (no data needed;
+    ``"auto"`` picks it where ``dtype="auto"`` means float32 on a CPU, i.e. one without native bf16),
+    ``"int8"`` (activations too, calibrated once on ``calibration``, RGB images like yours) or ``"none"``.
+    Quantisations asked for by name raise ``ValueError`` if they fail; ``"auto"`` logs a line and runs
+    the float encoder.
     """
 
     def __init__(
@@ -137,6 +142,8 @@ class Sam2Engine:
         backend: str = "auto",
         store: EmbeddingStorage | None = None,
         interactive: bool = False,
+        quantize: str = "auto",
+        calibration: Sequence[np.ndarray] | None = None,
     ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -149,6 +156,14 @@ class Sam2Engine:
             if backend == "openvino":
                 raise ValueError("compile=True compiles the torch encoder: use backend='torch' (or 'auto') with it")
             self.backend = "torch"
+        self.quantize = resolve_quantize(
+            quantize, dtype, self.dtype, self.backend, calibration is not None, interactive
+        )
+        if self.quantize == "int8" and interactive:
+            raise ValueError("quantize='int8' runs the encoder as one graph; an interactive engine needs pieces")
+        calibration = [T.as_rgb_uint8(im, f"calibration image {i}") for i, im in enumerate(calibration or ())]
+        if self.quantize == "int8" and not calibration:
+            raise ValueError("calibration is empty: quantize='int8' needs images to calibrate on")
         self.max_batch_size = max_batch_size or default_batch_size(self.device)
         self.fused_decoder = fused_decoder
         self.cache = cache if cache is not None else EmbeddingCache()
@@ -181,6 +196,8 @@ class Sam2Engine:
         # The store's key leaves the device and backend out: embeddings made on a GPU (torch) serve a
         # CPU process (OpenVINO); both agree far within the store's float16 rounding.
         self.store_id = f"{spec.name}|{self.dtype}|{fingerprint}"
+        # The calibration images' hash: it names an int8 encoder's IR and its embeddings.
+        calibration_id = hashlib.blake2b("|".join(map(content_hash, calibration)).encode(), digest_size=12).hexdigest()
         # One encoder forward at a time, and one decode at a time: torch already uses every core for
         # one batch. The two locks are separate (the decoder reads none of the encoder's state), so a
         # click's decode never waits for a whole encoder forward; and decodes go first: a running
@@ -192,8 +209,11 @@ class Sam2Engine:
         # decoder's precision and its ``upscale_operands``, ~16 MB in float32): a click refining an object
         # reuses them instead of rebuilding them from the high-resolution features.
         self._operands: EmbeddingCache = EmbeddingCache(4, 64 << 20, size_of=lambda v: sum(t.nbytes for t in v))
-        self.encoder: ImageEncoder = self._make_encoder(fingerprint, compile)
-        self._model_id = f"{spec.name}|{self.backend}|{self.dtype}|{self.device}|{fingerprint}"
+        self.encoder: ImageEncoder = self._make_encoder(fingerprint, compile, quantize, calibration, calibration_id)
+        # Quantised embeddings are not float ones: they get ids of their own (calibration included).
+        quant = {"none": "", "int8-weights": "|int8-weights"}.get(self.quantize, f"|int8:{calibration_id}")
+        self.store_id += quant
+        self._model_id = f"{spec.name}|{self.backend}|{self.dtype}|{self.device}|{fingerprint}{quant}"
         with torch.inference_mode():
             self._image_pe = self.model.get_image_wide_positional_embeddings()
         # The fused decoder's own copy of the decoder weights in its precision (``precision.decoder_dtype``);
@@ -204,18 +224,45 @@ class Sam2Engine:
             self._decoder = copy.deepcopy(self.model.mask_decoder).to(self.decoder_dtype)
         self._decoder_pe = self._image_pe.to(self.decoder_dtype)
 
-    def _make_encoder(self, fingerprint: str, compile: bool) -> ImageEncoder:
+    def _make_encoder(
+        self, fingerprint: str, compile: bool, quantize: str, calibration: list[np.ndarray], calibration_id: str
+    ) -> ImageEncoder:
         side = ImageSide(self.model)
         if self.backend == "openvino":
             from .openvino_encoder import OpenVINOEncoder, OpenVINOError
 
-            try:
+            def pixels() -> list[np.ndarray]:
+                size, cpu = self.input_size, torch.device("cpu")
+                return [T.preprocess([im], size, cpu, torch.float32).numpy() for im in calibration]
+
+            def make(mode: str) -> OpenVINOEncoder:
                 return OpenVINOEncoder(
-                    side, self.dtype, self.input_size, fingerprint, self._decode_first.wait, pieces=self.interactive
+                    side,
+                    self.dtype,
+                    self.input_size,
+                    fingerprint,
+                    self._decode_first.wait,
+                    pieces=self.interactive,
+                    quantize=mode,
+                    calibration=pixels,
+                    calibration_id=calibration_id,
                 )
+
+            try:
+                try:
+                    return make(self.quantize)
+                except OpenVINOError as e:
+                    if self.quantize == "none" or quantize != "auto":  # asked for: the caller hears why not
+                        if self.quantize != "none":
+                            raise ValueError(f"could not quantise the image encoder: {e}") from e
+                        raise
+                    log.warning("int8 weights unavailable, running the float encoder instead: %s", e)
+                    self.quantize = "none"
+                    return make("none")
             except OpenVINOError as e:
                 log.warning("OpenVINO image encoder unavailable, running torch instead: %s", e)
                 self.backend = "torch"
+                self.quantize = "none"
         self.model.vision_encoder.to(self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
             add_pause_points(side, self._decode_first.wait)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..models.registry import DEFAULT_FAMILY, get_spec
@@ -20,7 +21,8 @@ class EnginePool:
     ``checkpoints`` maps a version to an explicit checkpoint (a ``.pt``, a Hugging Face directory
     or repository id); other versions are found by ``load_model``'s usual search. Thread-safe:
     concurrent first requests for a version load it once. ``store``: the embedding store every
-    engine reads (and writes, if writable), each under its own model id.
+    engine reads (and writes, if writable), each under its own model id. ``quantize`` and
+    ``calibration``: as ``Sam2Engine``'s.
     """
 
     def __init__(
@@ -36,6 +38,8 @@ class EnginePool:
         backend: str = "auto",
         store: EmbeddingStorage | None = None,
         interactive: bool = False,
+        quantize: str = "auto",
+        calibration: Sequence[np.ndarray] | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be >= 1")
@@ -47,6 +51,7 @@ class EnginePool:
         self.max_resident, self.max_batch_size = max_resident, max_batch_size
         self.compile, self.backend = compile, backend
         self.store, self.interactive = store, interactive
+        self.quantize, self.calibration = quantize, calibration
         self.cache = cache if cache is not None else EmbeddingCache()
         self._engines: OrderedDict[str, Sam2Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -63,6 +68,8 @@ class EnginePool:
             backend=engine.backend,
             store=engine.store,
             interactive=engine.interactive,
+            # int8's calibration images are not kept: other versions quantise as "auto" does
+            quantize="auto" if engine.quantize == "int8" else engine.quantize,
         )
         pool._engines[engine.spec.version] = engine
         return pool
@@ -91,6 +98,8 @@ class EnginePool:
                 backend=self.backend,
                 store=self.store,
                 interactive=self.interactive,
+                quantize=self.quantize,
+                calibration=self.calibration,
             )
             with self._lock:
                 self._engines[version] = engine
