@@ -30,6 +30,9 @@ OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precis
 OURS_ALT = {"torch": "ours (torch)", "openvino": "ours (openvino)"}  # our engine on the other encoder backend
 # our engine in bf16 on the other encoder backend (native-bf16 CPUs)
 OURS_ALT_BF16 = {"torch": "ours (torch bf16)", "openvino": "ours (openvino bf16)"}
+# OpenVINO int8 encoders (CPU): int8 weights with float32 activations, what dtype="auto" runs on a CPU without
+# bf16 (the stand-in for such CPUs); and int8 weights and activations calibrated on generated scenes, at dtype="auto"
+OURS_INT8W, OURS_INT8 = "ours (int8 weights)", "ours (int8)"
 ORT_META = "ONNX Runtime fp32, Meta's encoder"  # what a CPU user would pick instead: Meta's encoder exported
 OV_META = "OpenVINO fp32, Meta's encoder"  # ... and the same ONNX file on OpenVINO
 OV_META_BF16 = "OpenVINO bf16, Meta's encoder"
@@ -110,6 +113,7 @@ class Context:
     ours_alt: Any | None = None  # our engine on the backend ``ours`` does not run (OpenVINO on a CPU)
     ours_alt_bf16: Any | None = None  # ``ours_alt``'s backend in bfloat16, where the CPU has it natively
     exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
+    ours_int8: dict = field(default_factory=dict)  # OURS_INT8W / OURS_INT8 → an engine (CPU, OpenVINO)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
         """The reference called as its README shows: under ``torch.inference_mode()``, and on a GPU's
@@ -187,6 +191,8 @@ def rows(
     for variant in (
         *OURS_ALT.values(),
         *OURS_ALT_BF16.values(),
+        OURS_INT8W,
+        OURS_INT8,
         ORT_META,
         OV_META,
         OV_META_BF16,
@@ -273,6 +279,8 @@ def case_embed(ctx: Context) -> list[dict]:
             fns[OURS_ALT_BF16[ctx.ours_alt_bf16.backend]] = lambda b=batch_images: ctx.ours_alt_bf16.embed(
                 b, use_cache=False
             )
+        for name, engine in ctx.ours_int8.items():
+            fns[name] = lambda b=batch_images, e=engine: e.embed(b, use_cache=False)
         if ctx.exported is not None:
             fns[ORT_META] = lambda b=batch_images: ctx.exported.run_ort(b)
             fns[OV_META] = lambda b=batch_images: ctx.exported.run_ov(b)
@@ -433,6 +441,8 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         fns[OURS_ALT[ctx.ours_alt.backend]] = lambda: run_step_ours(ctx.ours_alt, images, dets, ctx.size)
     if ctx.ours_alt_bf16 is not None:
         fns[OURS_ALT_BF16[ctx.ours_alt_bf16.backend]] = lambda: run_step_ours(ctx.ours_alt_bf16, images, dets, ctx.size)
+    for name, engine in ctx.ours_int8.items():
+        fns[name] = lambda e=engine: run_step_ours(e, images, dets, ctx.size)
     ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
     iou, n_ours, n_ref = step_iou(m.last[OURS], m.last[REF])
@@ -442,10 +452,10 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
     per_variant = {  # each of our other engines' masks against the reference's (and bf16 against our fp32)
         v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]}
-        for v in (*OURS_ALT.values(), *OURS_ALT_BF16.values())
+        for v in (*OURS_ALT.values(), *OURS_ALT_BF16.values(), *ctx.ours_int8)
         if v in m.last
     }
-    for v in OURS_ALT_BF16.values():
+    for v in (*OURS_ALT_BF16.values(), *ctx.ours_int8):
         if v in per_variant:
             per_variant[v]["mask_iou_vs_fp32"] = step_iou(m.last[v], m.last[OURS])[0]
     return rows(

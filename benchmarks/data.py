@@ -73,6 +73,8 @@ def load_ours(
     compile: bool = False,
     backend: str = "auto",
     store=None,
+    quantize: str = "auto",
+    calibration=None,
 ):
     """Our engine with its embedding cache off, so every repeat does the full work (``backend`` and
     ``max_batch_size`` as the engine's defaults unless given: OpenVINO and batch 1 on a CPU)."""
@@ -89,7 +91,17 @@ def load_ours(
         compile=compile,
         backend=backend,
         store=store,
+        quantize=quantize,
+        calibration=calibration,
     )
+
+
+CALIBRATION_SEED = 900  # generated scenes the int8 row calibrates on: none of them is timed or checked
+
+
+def calibration_images(count: int = 8, hw: tuple[int, int] = (480, 640)) -> list[np.ndarray]:
+    """Images for ``quantize="int8"``: generated scenes of the benchmark's kind, not the ones it times."""
+    return [scene(CALIBRATION_SEED + i, hw).image for i in range(count)]
 
 
 def load_reference(ckpt: Checkpoint, device: str):

@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the ONNX Runtime and OpenVINO rows of Meta's exported encoder (CPU embed case)",
     )
     p.add_argument(
+        "--no-int8",
+        action="store_true",
+        help="skip the 'ours (int8 weights)' and 'ours (int8)' rows (CPU, OpenVINO; quantised once, then cached)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)",
@@ -118,6 +123,24 @@ def matmul_rates(device: torch.device) -> dict:
     else:
         out["bf16"] = None
         out["bf16_note"] = "not measured: no bf16 arithmetic in hardware here (emulated bf16 is ~100x slower)"
+    return out
+
+
+def int8_engines(ckpt, device: str, log) -> dict:
+    """Our OpenVINO int8 engines for the CPU rows (``cases.OURS_INT8W``, ``cases.OURS_INT8``): int8 weights in
+    float32, and int8 calibrated on ``data.calibration_images`` at ``dtype="auto"``. Each is quantised once per
+    checkpoint (then read from the cache); one that cannot be made is left out with a logged line."""
+    wanted = {
+        cases.OURS_INT8W: dict(dtype="float32", quantize="int8-weights"),
+        cases.OURS_INT8: dict(dtype="auto", quantize="int8", calibration=data.calibration_images()),
+    }
+    out = {}
+    for name, kw in wanted.items():
+        log(f"loading {name}")
+        try:
+            out[name] = data.load_ours(ckpt, device, backend="openvino", **kw)
+        except ValueError as e:
+            log(f"{name}: not measured: {e}")
     return out
 
 
@@ -238,6 +261,9 @@ def main(argv=None) -> int:
                     alt_bf16 = None
                     if bf16 is not None and ours_alt is not None:  # bf16 native here and past its guard
                         alt_bf16 = data.load_ours(ckpt, d, dtype="bfloat16", backend=other)
+                    int8 = {}
+                    if device.type == "cpu" and any(c in ("embed", "step") for c in timed) and not args.no_int8:
+                        int8 = int8_engines(ckpt, d, log)
                     compiled = None
                     if args.compile and "embed" in timed:
                         log(f"{size} on {d}: compiling our encoder (torch.compile, dtype auto)")
@@ -264,6 +290,7 @@ def main(argv=None) -> int:
                         ours_alt=ours_alt,
                         ours_alt_bf16=alt_bf16,
                         exported=exported,
+                        ours_int8=int8,
                     )
                     for case in timed:
                         for e in getattr(cases, f"case_{case}")(ctx):
@@ -276,7 +303,7 @@ def main(argv=None) -> int:
                                 f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
                                 f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x"
                             )
-                    del ctx, ours, ours_alt, alt_bf16, exported, ref_model, predictor, bf16, compiled
+                    del ctx, ours, ours_alt, alt_bf16, exported, ref_model, predictor, bf16, compiled, int8
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
