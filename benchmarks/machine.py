@@ -103,6 +103,8 @@ def facts(devices: list[str]) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_bf16_flags": sorted(flags & (precision.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
+        # int8 dot products in hardware (what the int8 rows use): AVX512-VNNI, AVX-VNNI, AMX-INT8
+        "cpu_int8_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
         "native_bf16": precision.native_bf16(torch.device("cpu")),
         "memory_gib": memory_gib(),
         "load_average_at_start": load_average(),
@@ -118,6 +120,9 @@ def facts(devices: list[str]) -> dict:
                 "supervision",
                 "numpy",
                 "opencv-python",
+                "openvino",
+                "nncf",
+                "onnxruntime",
                 "matplotlib",
             )
         },

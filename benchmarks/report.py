@@ -117,7 +117,8 @@ def machine_lines(machine: dict) -> list[str]:
         f"{machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable); "
         f"torch threads {machine['torch_threads']} (inter-op {machine['torch_interop_threads']})",
         f"- bf16 in hardware: {'yes' if machine['native_bf16'] else 'no'} "
-        f"(flags: {', '.join(machine['cpu_bf16_flags']) or 'none'}); memory {machine['memory_gib']} GiB",
+        f"(flags: {', '.join(machine['cpu_bf16_flags']) or 'none'}); int8 dot products: "
+        f"{', '.join(machine.get('cpu_int8_flags', [])) or 'none'}; memory {machine['memory_gib']} GiB",
         f"- Load average at start / end: {machine.get('load_average_at_start')} / {machine.get('load_average_at_end')}",
         f"- Versions: python {machine['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- OS: {machine['os']}; MKL {machine['mkl']}, oneDNN {machine['mkldnn']}; "
@@ -164,6 +165,8 @@ def physical_limit_lines(results: dict, machine: dict) -> list[str]:
         rates = machine.get("matmul_gflops", {}).get(e["device"], {})
         peak = rates.get("bf16") if "bf16" in e["variant"] else rates.get("fp32")
         frac = f", {100 * e['achieved_gflops'] / peak:.0f} % of the measured matmul rate" if peak else ""
+        if e["variant"].endswith("(int8)"):  # int8 matmuls: no float rate bounds them, and none is measured
+            frac = " (int8 arithmetic: no matmul rate measured for it)"
         out.append(
             f"- {e['device']} {e['size']} {e['variant']}: "
             f"{fmt(e['encoder_gflop_per_image'])} GFLOP per 1024×1024 image "
@@ -303,7 +306,8 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "`ours (torch)` / `ours (openvino)` and their bf16 rows run the other encoder backend, against the "
         "reference in float32. `ours (int8 weights)` is OpenVINO with int8 weights and float32 activations (what "
         '`dtype="auto"` runs on a CPU without bf16: the stand-in for such CPUs); `ours (int8)` quantises the '
-        'activations too (`quantize="int8"`, calibrated on 8 generated scenes that are not timed), at `dtype="auto"`. '
+        'activations too (`quantize="int8"`, calibrated on generated scenes that are never timed: '
+        '`data.calibration_images`), at `dtype="auto"`. '
         "Both are against the reference in float32; the step notes their masks' IoU with our float32 ones. "
         "The click case's servers run what a server runs: torch (an interactive engine).",
         "",
