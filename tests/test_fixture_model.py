@@ -97,6 +97,16 @@ def test_unprompted_mode_finds_most_objects(engine, held_out):
     assert found / total >= UNPROMPTED_BAR
 
 
+def masks_against(engine, other, scenes, embs) -> list[float]:
+    """IoU of each box's mask from ``other`` (embedding the scenes itself) with ``engine``'s (from ``embs``)."""
+    ious = []
+    for scene, emb, own in zip(scenes, embs, other.embed([s.image for s in scenes])):
+        want = engine.predict(emb, boxes=box_prompts(scene)).masks
+        got = other.predict(own, boxes=box_prompts(scene)).masks
+        ious += [mask_iou(a, b) for a, b in zip(got, want)]
+    return ious
+
+
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_bf16_encoder_keeps_masks(engine, held_out, backend):
     """bf16 encoder and decoder (what ``dtype="auto"`` runs where bf16 is native) against float32, on
@@ -110,11 +120,7 @@ def test_bf16_encoder_keeps_masks(engine, held_out, backend):
     model, spec = fixture.fixture_model()
     fast = Sam2Engine(model, spec, device="cpu", dtype="bfloat16", backend=backend)
     assert fast.backend == backend
-    ious = []
-    for scene, emb, emb16 in zip(scenes[:10], embs, fast.embed([s.image for s in scenes[:10]])):
-        want = engine.predict(emb, boxes=box_prompts(scene)).masks
-        got = fast.predict(emb16, boxes=box_prompts(scene)).masks
-        ious += [mask_iou(a, b) for a, b in zip(got, want)]
+    ious = masks_against(engine, fast, scenes[:10], embs)
     print(f"bf16 vs float32 masks: mean IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
     assert np.mean(ious) >= 0.97 and np.min(ious) >= 0.9
     assert np.min(ious) < 0.9999, "every mask equals float32's: the engine did not run in bf16"
@@ -135,11 +141,7 @@ def test_int8_encoder_keeps_masks(engine, held_out, quantize):
     ir = openvino.Core().read_model(str(small.encoder.directory / "piece0.xml"))
     int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().bitwidth == 8]
     assert len(int8) >= 40, "the encoder's IR holds no int8 weights"
-    ious = []
-    for scene, emb, emb8 in zip(scenes[:6], embs, small.embed([s.image for s in scenes[:6]])):
-        want = engine.predict(emb, boxes=box_prompts(scene)).masks
-        got = small.predict(emb8, boxes=box_prompts(scene)).masks
-        ious += [mask_iou(a, b) for a, b in zip(got, want)]
+    ious = masks_against(engine, small, scenes[:6], embs)
     print(f"{quantize} vs float32 masks: mean IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
     assert np.mean(ious) >= 0.97 and np.min(ious) >= 0.9
     assert np.min(ious) < 0.9999, "every mask equals float32's: the encoder did not run in int8"

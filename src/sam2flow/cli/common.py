@@ -77,7 +77,11 @@ def calibration_images(source: str | None) -> list | None:
     from ..images import read_image_file
     from ..scale.batch import list_images
 
-    return [read_image_file(p, f"--calibration image {p}") for p in list_images(source)]
+    try:
+        files = list_images(source)
+    except ValueError as e:
+        raise ValueError(f"--calibration: {e}") from None
+    return [read_image_file(p, f"--calibration image {p}") for p in files]
 
 
 def engine_args(args, **extra) -> dict:
