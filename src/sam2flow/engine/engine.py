@@ -159,8 +159,6 @@ class Sam2Engine:
         self.quantize = resolve_quantize(
             quantize, dtype, self.dtype, self.backend, calibration is not None, interactive
         )
-        if self.quantize == "int8" and interactive:
-            raise ValueError("quantize='int8' runs the encoder as one graph; an interactive engine needs pieces")
         calibration = [T.as_rgb_uint8(im, f"calibration image {i}") for i, im in enumerate(calibration or ())]
         if self.quantize == "int8" and not calibration:
             raise ValueError("calibration is empty: quantize='int8' needs images to calibrate on")
@@ -229,7 +227,7 @@ class Sam2Engine:
     ) -> ImageEncoder:
         side = ImageSide(self.model)
         if self.backend == "openvino":
-            from .openvino_encoder import OpenVINOEncoder, OpenVINOError
+            from .openvino_encoder import OpenVINOEncoder, OpenVINOError, QuantizeError
 
             def pixels() -> list[np.ndarray]:
                 size, cpu = self.input_size, torch.device("cpu")
@@ -251,15 +249,15 @@ class Sam2Engine:
             try:
                 try:
                     return make(self.quantize)
-                except OpenVINOError as e:
-                    if self.quantize == "none" or quantize != "auto":  # asked for: the caller hears why not
-                        if self.quantize != "none":
-                            raise ValueError(f"could not quantise the image encoder: {e}") from e
+                except QuantizeError as e:
+                    if quantize != "auto":
                         raise
                     log.warning("int8 weights unavailable, running the float encoder instead: %s", e)
                     self.quantize = "none"
                     return make("none")
             except OpenVINOError as e:
+                if quantize not in ("auto", "none"):  # asked for by name: the caller hears why not
+                    raise ValueError(f"could not quantise the image encoder: {e}") from e
                 log.warning("OpenVINO image encoder unavailable, running torch instead: %s", e)
                 self.backend = "torch"
                 self.quantize = "none"

@@ -67,6 +67,10 @@ class OpenVINOError(RuntimeError):
     """The encoder could not be converted, checked or compiled with OpenVINO."""
 
 
+class QuantizeError(OpenVINOError):
+    """The float encoder is fine, but its int8 version could not be made or failed its check."""
+
+
 def cache_root() -> Path:
     """``$SAM2FLOW_CACHE_DIR`` or ``~/.cache/sam2flow``."""
     root = os.environ.get(CACHE_ENV)
@@ -250,7 +254,7 @@ def _quantize(
     try:
         import nncf
     except ImportError as e:
-        raise OpenVINOError("quantising the encoder needs NNCF (pip install nncf)") from e
+        raise QuantizeError("quantising the encoder needs NNCF (pip install nncf)") from e
     core = ov.Core()
     floats = [core.read_model(str(source / f"piece{i}.xml")) for i in range(len(layout.pieces) + 1)]
     nncf.set_log_level(logging.ERROR)
@@ -260,22 +264,18 @@ def _quantize(
             try:
                 if mode == "int8-weights":
                     quantized.append(nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT8_ASYM))
-                elif layout.pieces:
-                    raise OpenVINOError("int8 activations are calibrated on the whole graph, not on pieces")
                 else:
                     data = nncf.Dataset(calibration)
                     q = nncf.quantize(m, data, subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER)
                     quantized.append(q)
-            except OpenVINOError:
-                raise
             except Exception as e:  # NNCF's own errors are of many types
-                raise OpenVINOError(f"NNCF could not quantise piece {i} of the image encoder ({mode}): {e}") from e
+                raise QuantizeError(f"NNCF could not quantise piece {i} of the image encoder ({mode}): {e}") from e
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     want = _infer_chain([core.compile_model(m, "CPU", config) for m in floats], layout)(check)[0]
     have = _infer_chain([core.compile_model(m, "CPU", config) for m in quantized], layout)(check)[0]
     err = float(np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-12))
     if not err <= QUANT_TOLERANCE[mode]:
-        raise OpenVINOError(
+        raise QuantizeError(
             f"the {mode} encoder's image embedding differs from float32's by {err:.1%} (relative L2), "
             f"over the {QUANT_TOLERANCE[mode]:.0%} allowed: not kept"
         )
@@ -347,8 +347,8 @@ class OpenVINOEncoder:
             raise OpenVINOError("the openvino package is not installed (pip install openvino)") from e
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"unknown quantize {quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
-        if quantize == "int8" and calibration is None:
-            raise ValueError("quantize='int8' needs calibration images")
+        if quantize == "int8" and (calibration is None or pieces):
+            raise ValueError("quantize='int8' needs calibration images and the whole graph (pieces=False)")
         self.precision = str(dtype).removeprefix("torch.")
         self.quantize = quantize
         self.runs = 0

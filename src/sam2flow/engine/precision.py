@@ -121,6 +121,8 @@ def resolve_quantize(
         return "int8-weights" if backend == "openvino" and auto_float and not interactive else "none"
     if quantize != "none" and backend != "openvino":
         raise ValueError(f"quantize={quantize!r} runs on OpenVINO, not on the {backend} backend: use a CPU engine")
+    if quantize == "int8" and interactive:
+        raise ValueError("quantize='int8' runs the encoder as one graph; an interactive engine needs pieces")
     if quantize == "int8" and not calibrated:
         raise ValueError(
             "quantize='int8' calibrates on images like the ones you will segment: pass calibration=[images] "
