@@ -153,7 +153,8 @@ def test_embed_without_image_id_answers_the_content_hash(server, tiny_engine):
 
 
 def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
-    images = [random_image(200 + 8 * i, 260, seed=100 + i) for i in range(16)]
+    n = 8  # concurrent clients: enough for batches of several images
+    images = [random_image(200 + 8 * i, 260, seed=100 + i) for i in range(n)]
     box = [30, 30, 150, 150]
 
     def call(i):
@@ -165,8 +166,8 @@ def test_concurrent_clients_get_correct_answers_in_batches(server, tiny_engine):
         r = post(server, "/sam2/segment_image", body)
         return r.status_code, r.json()
 
-    with ThreadPoolExecutor(16) as ex:
-        results = list(ex.map(call, range(16)))
+    with ThreadPoolExecutor(n) as ex:
+        results = list(ex.map(call, range(n)))
     for i, (status, payload) in enumerate(results):
         assert status == 200, payload
         emb = tiny_engine.embed([images[i]])[0]
