@@ -158,13 +158,14 @@ def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
     return w1, add1, w2, add2
 
 
-def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """The upscaling path and the hypernetwork product: (N, L, C) image tokens → (N, K, 4H, 4W) logits.
+def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor) -> torch.Tensor:
+    """The upscaling path and the hypernetwork product: (N, L, C) image tokens → (N, K, 16·L) logits,
+    pixels in sub-pixel order (``_raster`` puts them in image order).
 
     A stride-2, 2 × 2 transposed convolution maps each input pixel to its own 2 × 2 block, so it
     is one matmul per level in a "source pixel, then sub-pixel" order with channels last (the
-    layer norm then runs over contiguous channels); pixels return to raster order only for the K
-    masks at the end. ``hyper`` (N, K, C/8); ``operands`` from ``upscale_operands``.
+    layer norm then runs over contiguous channels). ``hyper`` (N, K, C/8); ``operands`` from
+    ``upscale_operands``.
     """
     n, l, _ = x.shape
     w1, add1, w2, add2 = operands
@@ -174,11 +175,15 @@ def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor, hw:
     y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
     y = torch.baddbmm(add2.expand(n, -1, -1), y, w2.expand(n, -1, -1)).view(n, 16 * l, c2)
     y = decoder.activation(y)
-    m = torch.bmm(y, hyper.transpose(1, 2))  # (N, pixels in sub-pixel order, K)
+    return torch.bmm(hyper, y.transpose(1, 2))
+
+
+def _raster(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(N, K, 16·H·W) logits in sub-pixel order (source pixel (i, j), then the (a, b) offsets of each
+    level) → (N, K, 4H, 4W) in image order: row 4i + 2a1 + a2, column 4j + 2b1 + b2."""
+    n, k, _ = m.shape
     h, w = hw
-    k = hyper.shape[1]
-    m = m.view(n, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)  # → N, K, i, a1, a2, j, b1, b2
-    return m.reshape(n, k, 4 * h, 4 * w)
+    return m.view(n, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(n, k, 4 * h, 4 * w)
 
 
 def decode(
@@ -218,12 +223,14 @@ def decode(
         queries, x = _transformer(decoder.transformer, tokens, image if shared else image[i : i + chunk], pos, first)
         mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        masks = _upscaled_masks(decoder, x, operands, hyper, (hh, ww))
-        parts.append((masks, decoder.iou_prediction_head(queries[:, 1])))
+        parts.append((_upscaled_masks(decoder, x, operands, hyper), decoder.iou_prediction_head(queries[:, 1])))
     masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    # Only the candidates returned are put in image order (the stability check below counts pixels,
+    # which needs no order): one of four for a single mask.
     if multimask_output:
-        return masks[:, 1:], iou[:, 1:]
+        return _raster(masks[:, 1:], (hh, ww)), iou[:, 1:]
     if decoder.dynamic_multimask_via_stability:
-        m, s = decoder._dynamic_multimask_via_stability(masks[None], iou[None])
-        return m[0], s[0]
-    return masks[:, :1], iou[:, :1]
+        n, k, _ = masks.shape
+        m, s = decoder._dynamic_multimask_via_stability(masks.view(1, n, k, 4 * hh, 4 * ww), iou[None])
+        return _raster(m[0].flatten(2), (hh, ww)), s[0]
+    return _raster(masks[:, :1], (hh, ww)), iou[:, :1]
