@@ -195,9 +195,9 @@ def test_batched_embedding_matches_single(tiny_engine):
     [("sam2.1", "hiera_small"), ("sam2.1", "hiera_b_plus"), ("sam2.1", "hiera_large"), ("sam2", "hiera_small")],
 )
 def test_larger_sizes_parity(make_checkpoint, version, family):
-    """One image per size: many boxes, and boxes with clicks. Every size in SAM 2.1; SAM 2's image model
-    differs from 2.1's in configuration only, not by size, so besides the full tiny battery above one
-    more size of it is enough (hiera_large in both families cost ~80 s of CPU in CI)."""
+    """One image per size: many boxes, and boxes with clicks. Every size in SAM 2.1; SAM 2's image path
+    has 2.1's architecture (only video-memory weights differ: models/registry.py), so besides the full
+    tiny battery above one more size of it is enough (hiera_large in both families cost ~80 s in CI)."""
     engine, predictor = make_pair(make_checkpoint, version, family)
     hw, boxes, points, labels = SCENES["odd_333x517"]
     run_battery(engine, predictor, random_image(*hw, seed=7), boxes, points, labels, full=False)
