@@ -208,8 +208,8 @@ def decode(
     """
     c, hh, ww = image_embed.shape
     image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
-    if image.shape[0] == 1:  # give a batch of one its canonical stride: with the odd one the sum of
-        image = image[0].unsqueeze(0)  # two channels-last tensors gets, bmm copies it (~0.7 ms per product)
+    if image.shape[0] == 1:  # the sum of two channels-last tensors has an odd stride on its size-1 batch
+        image = image[0].unsqueeze(0)  # dimension, which makes bmm copy it (~0.7 ms a product): reset it
     pos = image_pe[0].flatten(1).t()
     # One image for several prompts: project its 4096 tokens once (three (4096, 256) × (256, 128)
     # products) and share them. A single prompt is cheaper with the projections folded into its tokens.
