@@ -1,7 +1,9 @@
-"""libgomp gets our waiting policy when sam2flow is imported before torch.
+"""libgomp gets our waiting policy when sam2flow is imported before torch, and an interactive engine
+runs all its torch work on one thread.
 
 Why (engine/threads.py): with a second OpenMP team in the process, libgomp's default makes idle
-team threads sleep between kernels, which cost a click's decode ~20 ms on 2 cores.
+team threads sleep between kernels, which cost a click's decode ~20 ms on 2 cores; each thread that
+runs torch kernels keeps a team of its own, so a server's engine works on one thread.
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
-from sam2flow.engine.threads import OPENMP_ENV
+import numpy as np
+import pytest
+from tests.conftest import random_image
+
+from sam2flow import Prompt, Sam2Engine
+from sam2flow.engine.threads import OPENMP_ENV, ComputeThread, compute_thread
 
 
 def _libgomp_settings(code: str, **env: str) -> str:
@@ -42,3 +51,121 @@ def test_torch_imported_first_is_left_alone():
     """libgomp read its settings when torch loaded: changing the environment then would only mislead."""
     code = f"{RUN_TORCH}; import os, sam2flow; assert 'OMP_WAIT_POLICY' not in os.environ"
     assert "OMP_WAIT_POLICY = 'ACTIVE'" not in _libgomp_settings(code)
+
+
+# ---- one compute thread for an interactive engine ------------------------------------------------
+
+GUARD_S = 120  # only against a hang
+
+
+def test_compute_thread_runs_jobs_urgent_first_and_hands_back_errors():
+    compute = ComputeThread("test-compute")
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def hold():
+        started.set()
+        release.wait(GUARD_S)
+
+    def submit(tag, urgent):
+        t = threading.Thread(target=lambda: compute.call(order.append, tag, urgent=urgent))
+        t.start()
+        return t
+
+    first = threading.Thread(target=lambda: compute.call(hold))
+    first.start()
+    assert started.wait(GUARD_S)
+    waiting = [submit("embed", False)]
+    _wait_for(lambda: compute.queued == 1)
+    waiting.append(submit("click", True))
+    _wait_for(lambda: compute.queued == 2)
+    release.set()
+    for t in [first, *waiting]:
+        t.join(GUARD_S)
+    assert order == ["click", "embed"]
+    with pytest.raises(ValueError, match="bad prompt"):
+        compute.call(_raise, ValueError("bad prompt"))
+    # a call made on the thread itself runs at once instead of queueing behind its caller
+    assert compute.call(lambda: compute.call(lambda: threading.current_thread().name)) == "test-compute"
+
+
+def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkpoint):
+    """Embeds and clicks from several threads all run on the compute thread (libgomp: one team), and
+    give the answers an engine running in its callers' threads gives."""
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+    plain = Sam2Engine.from_pretrained("hiera_tiny", **kw)
+    engine = Sam2Engine.from_pretrained("hiera_tiny", **kw, interactive=True)
+    ran_on = set()
+    record = lambda *_: ran_on.add(threading.get_ident())  # noqa: E731
+    handles = [
+        engine.model.vision_encoder.backbone.blocks[0].register_forward_pre_hook(record),
+        engine.model.prompt_encoder.register_forward_pre_hook(record),
+    ]
+    images = [random_image(120, 160, seed=s) for s in (61, 62, 63)]
+    prompt = [Prompt(points=[[80, 60], [20, 20]], labels=[1, 0]), Prompt(box=[30, 20, 120, 100])]
+    callers, answers = set(), {}
+
+    def work(i):
+        callers.add(threading.get_ident())
+        emb = engine.embed([images[i]], use_cache=False)[0]
+        answers[i] = engine.predict_prompts(emb, prompt)
+
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GUARD_S)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran_on == {compute_thread()._thread.ident} and not ran_on & callers
+    for i, image in enumerate(images):
+        want = plain.predict_prompts(plain.embed([image])[0], prompt)
+        np.testing.assert_array_equal(answers[i].masks, want.masks)
+        np.testing.assert_array_equal(answers[i].low_res_logits, want.low_res_logits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_click_queued_during_an_embed_runs_at_the_encoders_next_pause(tiny_checkpoint, dtype):
+    """The compute thread is busy embedding when a click arrives: the click runs at the encoder's next
+    pause point (within the block it is in), not after the image. (bfloat16: the engine copies its
+    decoder, hooks and all, which must not copy the compute thread.)"""
+    engine = Sam2Engine.from_pretrained(
+        "hiera_tiny", checkpoint=str(tiny_checkpoint), device="cpu", dtype=dtype, interactive=True
+    )
+    image = random_image(120, 160, seed=71)
+    emb = engine.embed([image])[0]
+    prompt = [Prompt(points=[[80, 60]], labels=[1])]
+    expected = engine.predict_prompts(emb, prompt)
+    compute, events, answers = compute_thread(), [], []
+    blocks = engine.model.vision_encoder.backbone.blocks
+
+    def click_arrives(*_):  # on the compute thread, as block 1 starts: a click is sent and queues
+        if "click sent" not in events:
+            events.append("click sent")
+            threading.Thread(target=lambda: answers.append(engine.predict_prompts(emb, prompt)), daemon=True).start()
+            _wait_for(lambda: compute.queued == 1)
+
+    handles = [
+        blocks[1].register_forward_pre_hook(click_arrives),
+        blocks[2].register_forward_pre_hook(lambda *_: events.append("block 2")),
+        engine.model.prompt_encoder.register_forward_pre_hook(lambda *_: events.append("decode")),
+    ]
+    try:
+        engine.embed([random_image(120, 160, seed=72)], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert events[:3] == ["click sent", "decode", "block 2"]
+    np.testing.assert_array_equal(answers[0].masks, expected.masks)
+
+
+def _wait_for(condition) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _raise(e: Exception):
+    raise e

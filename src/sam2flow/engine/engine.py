@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
 from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
+from .threads import ComputeThread, compute_thread
 from .types import (  # declared there, importable from here as before
     LOW_RES,
     EmbeddingStorage,
@@ -42,6 +44,7 @@ def default_batch_size(device: str | torch.device) -> int:
 
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 def weights_fingerprint(model) -> str:
@@ -67,9 +70,12 @@ class DecodeFirst:
     while any ``decoding()`` block runs, so a click's decode gets the cores after at most ~50-100 ms of
     encoder work (2 cores, hiera_tiny) instead of a whole encoder forward. Encoding resumes as soon
     as no decode runs; a steady stream of decodes delays embeddings (clicks first, on purpose).
+    With a ``compute`` thread (an interactive engine's encoder runs on it), ``wait`` first runs the
+    clicks queued there.
     """
 
-    def __init__(self):
+    def __init__(self, compute: ComputeThread | None = None):
+        self._compute = compute
         self._idle = threading.Condition()
         self._running = 0
         self.paused = 0  # encoder forwards held at a pause point right now
@@ -91,6 +97,8 @@ class DecodeFirst:
         return (DecodeFirst, ())
 
     def wait(self, *_) -> None:
+        if self._compute is not None:
+            self._compute.run_urgent()
         with self._idle:
             self.paused += 1
             self._idle.wait_for(lambda: self._running == 0)
@@ -119,6 +127,8 @@ class Sam2Engine:
     the encoder, the engine logs one line and runs torch; ``backend`` then says what runs.
     ``interactive``: the engine answers clicks while images embed (a server), so its encoder must
     pause for decodes at fine intervals: OpenVINO then runs in per-block pieces instead of one graph.
+    All of an interactive engine's torch work runs on the process's ``threads.ComputeThread``,
+    whichever thread calls it (clicks first; ``from_pretrained`` loads it there too).
     ``max_batch_size`` (images per encoder run): default 1 on a CPU (the fastest per image there), 4 on accelerators.
     ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
     the cache and before the encoder, and writes what it computes when the store is writable.
@@ -202,7 +212,8 @@ class Sam2Engine:
         # encoder pauses at its next pause point (``DecodeFirst``) while any decode runs.
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()
-        self._decode_first = DecodeFirst()
+        self._compute: ComputeThread | None = compute_thread() if interactive else None
+        self._decode_first = DecodeFirst(self._compute)
         # The decoder's per-image inputs of the last few images clicked on (the image embedding in the
         # decoder's precision and its ``upscale_operands``, ~16 MB in float32): a click refining an object
         # reuses them instead of rebuilding them from the high-resolution features.
@@ -282,9 +293,18 @@ class Sam2Engine:
         checkpoint: str | None = None,
         **kwargs,
     ) -> Sam2Engine:
-        """Find and load weights (see ``sam2flow.models.weights.load_model``) and build an engine."""
-        model, spec = load_model(version, family, checkpoint)
-        return cls(model, spec, **kwargs)
+        """Find and load weights (see ``sam2flow.models.weights.load_model``) and build an engine
+        (an ``interactive`` one on the compute thread, which will run all its work)."""
+
+        def build() -> Sam2Engine:
+            model, spec = load_model(version, family, checkpoint)
+            return cls(model, spec, **kwargs)
+
+        return compute_thread().call(build) if kwargs.get("interactive") else build()
+
+    def _on_compute(self, urgent: bool, fn: Callable[..., R], *args) -> R:
+        """``fn(*args)`` on the compute thread for an interactive engine (``urgent``: a click), else here."""
+        return fn(*args) if self._compute is None else self._compute.call(fn, *args, urgent=urgent)
 
     # ---- embedding -------------------------------------------------------------------------
 
@@ -322,10 +342,16 @@ class Sam2Engine:
     def _from_store(self, key: str) -> ImageEmbedding | None:
         if self.store is None:
             return None
+        return self._on_compute(True, self._read_store, key)
+
+    def _read_store(self, key: str) -> ImageEmbedding | None:
         hit = self.store.get(self.store_id, key.rsplit("|", 1)[-1], self.device)
         return None if hit is None else dataclasses.replace(hit, key=key)
 
     def _embed_batch(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
+        return self._on_compute(False, self._encode, keys, images)
+
+    def _encode(self, keys: list[str], images: list[np.ndarray]) -> list[ImageEmbedding]:
         with self._lock, torch.inference_mode():
             pixels = T.preprocess(images, self.input_size, self.device, self.encoder.input_dtype)
             embed, s0, s1 = self.encoder(pixels)
@@ -414,6 +440,11 @@ class Sam2Engine:
         device, C = 3 with ``multimask_output`` else 1. For callers that rank candidates
         themselves (automatic mask generation); ``predict`` is the usual entry point.
         """
+        return self._on_compute(True, self._decode_low_res, emb, prompts, multimask_output)
+
+    def _decode_low_res(
+        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         coords, labels = [], []
         if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
             coords.append(torch.from_numpy(prompts.boxes).view(-1, 2, 2))
@@ -463,7 +494,12 @@ class Sam2Engine:
     def _decode(
         self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int] = (0, 0)
     ) -> Prediction:
-        low_res, iou = self.decode_low_res(emb, prompts, multimask_output)
+        return self._on_compute(True, self._decode_now, emb, prompts, multimask_output, cleanup)
+
+    def _decode_now(
+        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int]
+    ) -> Prediction:
+        low_res, iou = self._decode_low_res(emb, prompts, multimask_output)
         with torch.inference_mode():
             best = iou.argmax(dim=1)
             rows = torch.arange(low_res.shape[0], device=low_res.device)
@@ -477,7 +513,7 @@ class Sam2Engine:
         """Unprompted mode on one image: see ``sam2flow.engine.automatic.generate_masks``."""
         from .automatic import AutomaticConfig, generate_masks
 
-        return generate_masks(self, embedding, config or AutomaticConfig())
+        return self._on_compute(False, generate_masks, self, embedding, config or AutomaticConfig())
 
     def segment(
         self,
