@@ -1,8 +1,9 @@
 """Encoder speed-ups that leave the embeddings as they were (same operations on the same values).
 
-transformers' Hiera attention computes a per-token attention matrix it never uses, and the FPN
-neck rebuilds its sine position encodings on every forward (its cache holds one shape of four).
-We replace those two pieces of work on our own model instances; the parity tests check that
+transformers' Hiera attention computes a per-token attention matrix it never uses, the FPN neck
+rebuilds its sine position encodings on every forward (its cache holds one shape of four), and the
+trunk resizes its position embedding (bicubic, ~45 ms at 256 × 256 in bf16 on 2 cores) on every
+forward. We replace those three pieces of work on our own model instances; the parity tests check that
 embeddings equal the reference's within 1e-4 (float32) and that masks match.
 """
 
@@ -14,9 +15,30 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+WINDOW_TOKENS = 16384  # tokens of windowed attention per stretch between pauses (4 stretches at stage 1)
+
 
 def _hiera_attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Multi-scale attention of one Hiera block: (B, H, W, C) → (B, H', W', C_out).
+    """Multi-scale attention of one Hiera block: (B, H, W, C) → (B, H', W', C_out), B = images × windows.
+
+    With pause points, windows go ``WINDOW_TOKENS`` tokens at a time with a pause between (each
+    window's attention is its own: the same values).
+    """
+    pauses = getattr(self, "_sam2flow_pauses", ())
+    b, h, w, _ = hidden_states.shape
+    step = max(1, WINDOW_TOKENS // (h * w)) if pauses else b
+    if step >= b:
+        return _attend(self, hidden_states)
+    parts = []
+    for start in range(0, b, step):
+        for pause in pauses if start else ():
+            pause()
+        parts.append(_attend(self, hidden_states[start : start + step]))
+    return torch.cat(parts)
+
+
+def _attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``_hiera_attention`` on (B, H, W, C) at once (global attention: query rows in chunks).
 
     q, k and v come out of one permute to (3, B, heads, H·W, d), and query pooling runs on
     (B, H, W, heads·d) channels: the same values as transformers' unbind/transpose, in a layout
@@ -60,12 +82,32 @@ def _memoised(forward):
     return position_encoding
 
 
-def add_pause_points(side, pause: Callable[..., None], attention_rows: int = 1024) -> None:
-    """Call ``pause`` at the encoder's pause points (``DecodeFirst.wait``), ~50-100 ms of work apart on
-    2 cores for hiera_tiny: before the patch embedding, each trunk block's attention and its output
-    projection, its MLP and the MLP's second layer, each neck convolution and each high-resolution
-    projection, and between chunks of ``attention_rows`` query rows of a global attention (4096 rows
-    in hiera's global blocks, ~200 ms of work unchunked). Row chunks give the same values: each query
+def _memoised_pos_embed(backbone):
+    """Hiera's ``_get_pos_embed`` made once per grid size and weights, in inference mode only (a
+    conversion traces it as it is)."""
+    compute, cache = backbone._get_pos_embed, {}
+
+    def pos_embed(hw):
+        if not torch.is_inference_mode_enabled():
+            return compute(hw)
+        pe, window = backbone.pos_embed, backbone.pos_embed_window
+        key = (tuple(hw), pe.dtype, pe.device, pe.data_ptr(), pe._version, window.data_ptr(), window._version)
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            cache[key] = compute(hw)
+        return cache[key]
+
+    return pos_embed
+
+
+def add_pause_points(side, pause: Callable[..., None], attention_rows: int = 512) -> None:
+    """Call ``pause`` at the encoder's pause points (``DecodeFirst.wait``), at most ~30-60 ms of work
+    apart on 2 cores for hiera_tiny in bf16: before the patch embedding, each trunk block's attention
+    and its output projection, its MLP and the MLP's second layer, each neck convolution and each
+    high-resolution projection, between ``WINDOW_TOKENS`` of a windowed attention, and between
+    chunks of ``attention_rows`` query rows of a global attention (4096 rows in hiera's global
+    blocks, ~250 ms of work unchunked). Row chunks give the same values: each query
     row's attention is computed alone. ``side``: an ``ImageSide``. Several engines on one model each
     add their own ``pause``."""
     encoder = side.encoder
@@ -89,4 +131,5 @@ def streamline_encoder(model) -> None:
             module.forward = types.MethodType(_hiera_attention, module)
     neck_pe = encoder.neck.position_encoding
     neck_pe.forward = _memoised(neck_pe.forward)
+    encoder.backbone._get_pos_embed = _memoised_pos_embed(encoder.backbone)
     encoder._sam2flow_streamlined = True
