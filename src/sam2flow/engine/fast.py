@@ -25,8 +25,10 @@ def _hiera_attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tenso
     window's attention is its own: the same values).
     """
     pauses = getattr(self, "_sam2flow_pauses", ())
+    if not pauses:  # (a conversion traces this: no shape arithmetic on its path)
+        return _attend(self, hidden_states)
     b, h, w, _ = hidden_states.shape
-    step = max(1, WINDOW_TOKENS // (h * w)) if pauses else b
+    step = max(1, WINDOW_TOKENS // (h * w))
     if step >= b:
         return _attend(self, hidden_states)
     parts = []
@@ -79,6 +81,7 @@ def _memoised(forward):
             cache[key] = forward(shape, device, dtype)
         return cache[key]
 
+    position_encoding.cache = cache
     return position_encoding
 
 
@@ -98,6 +101,7 @@ def _memoised_pos_embed(backbone):
             cache[key] = compute(hw)
         return cache[key]
 
+    pos_embed.cache = cache
     return pos_embed
 
 
@@ -133,3 +137,10 @@ def streamline_encoder(model) -> None:
     neck_pe.forward = _memoised(neck_pe.forward)
     encoder.backbone._get_pos_embed = _memoised_pos_embed(encoder.backbone)
     encoder._sam2flow_streamlined = True
+
+
+def forget_position_encodings(encoder) -> None:
+    """Empty ``streamline_encoder``'s memoised position encodings (tens of MB after a conversion ran
+    the torch encoder once): for an encoder whose torch weights are released."""
+    for memo in (encoder.neck.position_encoding.forward, getattr(encoder.backbone, "_get_pos_embed", None)):
+        getattr(memo, "cache", {}).clear()

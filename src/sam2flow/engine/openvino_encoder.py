@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .encoders import EncoderOutput, ImageSide
+from .fast import forget_position_encodings
 
 CONVERSION_VERSION = 2  # bump when the pieces or their conversion change: old IR is then ignored
 BLOCKS_PER_PIECE = 1  # Hiera blocks per compiled piece: the encoder can pause after every block
@@ -390,6 +391,7 @@ class OpenVINOEncoder:
         self._run = _infer_chain(compiled, layout)
         if free_torch:  # the trunk and neck now live in OpenVINO: release the torch weights
             side.encoder.to("meta")
+            forget_position_encodings(side.encoder)
 
     def __call__(self, pixels: torch.Tensor) -> EncoderOutput:
         outs = []
