@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import random_image
 
 from sam2flow import Prompt, Sam2Engine
+from sam2flow.engine.store import EmbeddingStore
 from sam2flow.engine.threads import OPENMP_ENV, ComputeThread, compute_thread
 
 
@@ -88,7 +89,7 @@ def test_compute_thread_runs_jobs_urgent_first_and_hands_back_errors():
     assert compute.call(lambda: compute.call(lambda: threading.current_thread().name)) == "test-compute"
 
 
-def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkpoint):
+def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkpoint, tmp_path):
     """Embeds and clicks from several threads all run on the compute thread (libgomp: one team), and
     give the answers an engine running in its callers' threads gives."""
     kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
@@ -123,6 +124,18 @@ def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkp
         want = plain.predict_prompts(plain.embed([image])[0], prompt)
         np.testing.assert_array_equal(answers[i].masks, want.masks)
         np.testing.assert_array_equal(answers[i].low_res_logits, want.low_res_logits)
+    # an embedding store's writes and reads (float16 ↔ float32 conversions) run there too
+    store = engine.store = EmbeddingStore(tmp_path, writable=True)
+    for name in ("put", "get"):
+        method = getattr(store, name)
+        setattr(store, name, lambda *a, m=method: (record(), m(*a))[1])
+    ran_on.clear()
+    for _ in ("written", "read"):
+        t = threading.Thread(target=lambda: engine.embed([images[0]], use_cache=False))
+        t.start()
+        t.join(GUARD_S)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+    assert ran_on == {compute_thread()._thread.ident}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

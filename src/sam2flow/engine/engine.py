@@ -332,8 +332,8 @@ class Sam2Engine:
         for start in range(0, len(items), self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
             for (k, _), emb in zip(chunk, self._embed_batch([k for k, _ in chunk], [im for _, im in chunk])):
-                if self.store is not None and self.store.writable:
-                    emb = self.store.put(self.store_id, emb)  # decode what later reads will get
+                if self.store is not None and self.store.writable:  # decode what later reads will get
+                    emb = self._on_compute(False, self.store.put, self.store_id, emb)
                 found[k] = emb
                 if use_cache:
                     self.cache.put(k, emb)
