@@ -20,6 +20,7 @@ from ..models.registry import ModelSpec
 from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
+from .cuda_graphs import CudaGraphEncoder, cuda_graphs_wanted
 from .decoder import decode, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
@@ -33,7 +34,9 @@ from .types import (  # declared there, importable from here as before
     Prediction,
 )
 
-DECODE_CHUNK = 8  # prompts decoded together by the fused decoder
+# Prompts decoded together by the fused decoder: 8 keeps a chunk's (prompts, 4096, 256) tensors in a
+# CPU's cache; a GPU is launch-bound at that size (Meta's automatic generator decodes 64 clicks a call).
+DECODE_CHUNK, ACCELERATOR_DECODE_CHUNK = 8, 64
 CPU_BATCH, ACCELERATOR_BATCH = 1, 4  # images per encoder run by default: on a CPU one at a time is fastest
 
 
@@ -174,6 +177,7 @@ class Sam2Engine:
             raise ValueError("calibration is empty: quantize='int8' needs images to calibrate on")
         self.max_batch_size = max_batch_size or default_batch_size(self.device)
         self.fused_decoder = fused_decoder
+        self.decode_chunk = DECODE_CHUNK if self.device.type == "cpu" else ACCELERATOR_DECODE_CHUNK
         self.cache = cache if cache is not None else EmbeddingCache()
         self.store = store
         # The engine converts the model in place (no copy of a large network): a second engine
@@ -273,6 +277,8 @@ class Sam2Engine:
                 self.backend = "torch"
                 self.quantize = "none"
         self.model.vision_encoder.to(self.dtype)
+        if not compile and cuda_graphs_wanted(self.device):  # one launch per forward: no pause points
+            return CudaGraphEncoder(side, self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
             add_pause_points(side, self._decode_first.wait)
             return TorchEncoder(side, self.dtype)
@@ -487,7 +493,7 @@ class Sam2Engine:
                 dense.to(dd),
                 tuple(operands),
                 multimask_output,
-                DECODE_CHUNK,
+                self.decode_chunk,
             )
             return low_res.float(), iou.float()
 
