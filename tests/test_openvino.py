@@ -25,6 +25,7 @@ import torch
 
 from sam2flow import Sam2Engine
 from sam2flow.engine.encoders import BACKEND_ENV, resolve_backend
+from sam2flow.engine.fast import position_memos
 from sam2flow.engine.precision import resolve_quantize
 from sam2flow.formats import rle_to_mask
 from sam2flow.server.settings import ServerSettings
@@ -79,7 +80,7 @@ def test_openvino_runs_the_encoder_and_releases_the_torch_weights(ov_engine):
     encoder = ov_engine.model.vision_encoder
     assert all(p.device.type == "meta" for p in encoder.parameters())
     # nor keeps the position encodings the conversion's torch run memoised (~100 MB in float32)
-    assert not encoder.neck.position_encoding.forward.cache and not encoder.backbone._get_pos_embed.cache
+    assert not any(position_memos(encoder))
     before = ov_engine.encoder.runs
     ov_engine.embed([random_image(120, 160, seed=41)])
     assert ov_engine.encoder.runs == before + 1

@@ -70,39 +70,43 @@ def _attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
-def _memoised(forward):
-    cache: dict = {}
-
-    def position_encoding(shape, device, dtype, mask=None):
-        if mask is not None:
-            return forward(shape, device, dtype, mask)
-        key = (tuple(shape), str(device), dtype)
-        if key not in cache:
-            cache[key] = forward(shape, device, dtype)
-        return cache[key]
-
-    position_encoding.cache = cache
-    return position_encoding
+MEMO = "_sam2flow_memo"  # the instance attribute holding a module's memoised position encodings
 
 
-def _memoised_pos_embed(backbone):
+def _memoised_sine(self, shape, device, dtype, mask=None):
+    """The neck's sine position encoding (it has no weights), made once per shape, device and dtype.
+
+    Bound to its module with ``types.MethodType`` and memoised on it, so a ``copy.deepcopy`` of the
+    model rebinds to the copy (a closure would keep computing with the original)."""
+    forward = type(self).forward
+    if mask is not None:
+        return forward(self, shape, device, dtype, mask)
+    memo = self.__dict__.setdefault(MEMO, {})
+    key = (tuple(shape), str(device), dtype)
+    if key not in memo:
+        memo[key] = forward(self, shape, device, dtype)
+    return memo[key]
+
+
+def _memoised_pos_embed(self, hw):
     """Hiera's ``_get_pos_embed`` made once per grid size and weights, in inference mode only (a
-    conversion traces it as it is)."""
-    compute, cache = backbone._get_pos_embed, {}
+    conversion traces it as it is); bound and memoised like ``_memoised_sine``."""
+    compute = type(self)._get_pos_embed
+    if not torch.is_inference_mode_enabled():
+        return compute(self, hw)
+    pe, window = self.pos_embed, self.pos_embed_window
+    key = (tuple(hw), pe.dtype, pe.device, pe.data_ptr(), pe._version, window.data_ptr(), window._version)
+    memo = self.__dict__.setdefault(MEMO, {})
+    if key not in memo:
+        if len(memo) >= 4:
+            memo.clear()
+        memo[key] = compute(self, hw)
+    return memo[key]
 
-    def pos_embed(hw):
-        if not torch.is_inference_mode_enabled():
-            return compute(hw)
-        pe, window = backbone.pos_embed, backbone.pos_embed_window
-        key = (tuple(hw), pe.dtype, pe.device, pe.data_ptr(), pe._version, window.data_ptr(), window._version)
-        if key not in cache:
-            if len(cache) >= 4:
-                cache.clear()
-            cache[key] = compute(hw)
-        return cache[key]
 
-    pos_embed.cache = cache
-    return pos_embed
+def position_memos(encoder) -> list[dict]:
+    """The memoised position encodings of a streamlined vision encoder (neck, trunk)."""
+    return [m.__dict__.setdefault(MEMO, {}) for m in (encoder.neck.position_encoding, encoder.backbone)]
 
 
 def add_pause_points(side, pause: Callable[..., None], attention_rows: int = 512) -> None:
@@ -134,13 +138,13 @@ def streamline_encoder(model) -> None:
         if type(module).__name__ == "Sam2MultiScaleAttention":
             module.forward = types.MethodType(_hiera_attention, module)
     neck_pe = encoder.neck.position_encoding
-    neck_pe.forward = _memoised(neck_pe.forward)
-    encoder.backbone._get_pos_embed = _memoised_pos_embed(encoder.backbone)
+    neck_pe.forward = types.MethodType(_memoised_sine, neck_pe)
+    encoder.backbone._get_pos_embed = types.MethodType(_memoised_pos_embed, encoder.backbone)
     encoder._sam2flow_streamlined = True
 
 
 def forget_position_encodings(encoder) -> None:
     """Empty ``streamline_encoder``'s memoised position encodings (tens of MB after a conversion ran
     the torch encoder once): for an encoder whose torch weights are released."""
-    for memo in (encoder.neck.position_encoding.forward, getattr(encoder.backbone, "_get_pos_embed", None)):
-        getattr(memo, "cache", {}).clear()
+    for memo in position_memos(encoder):
+        memo.clear()

@@ -378,8 +378,11 @@ class OpenVINOEncoder:
                 err = _quantize(source, directory, layout, quantize, calib, check)
                 log.warning("%s encoder: image embedding within %.2g%% of float32's (relative L2)", quantize, 100 * err)
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(root / "compiled")})
-        config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINT[dtype], "PERFORMANCE_HINT": "LATENCY"}
+        # One compiled-model cache per precision: OpenVINO 2026.4's cache key leaves the precision hint out
+        # on some CPUs (seen on a Xeon with AMX): a bf16 compile then loaded the f32 blob and returned NaN.
+        hint = _PRECISION_HINT[dtype]
+        core.set_property({"CACHE_DIR": str(root / "compiled" / hint)})
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         try:
             compiled = [
                 core.compile_model(str(directory / f"piece{i}.xml"), "CPU", config)
