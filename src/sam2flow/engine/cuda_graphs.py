@@ -9,9 +9,11 @@ inputs, so its output equals the eager one bit for bit.
 
 A graph is captured per batch size on first use, after two eager warm-up runs on a side stream
 (cuBLAS/cuDNN choose their kernels and workspaces there, and the encoder's memoised position
-encodings get made). All graphs share one memory pool: they never run at once (the engine holds one
-encoder lock). If a capture fails (an operation that cannot be captured, out of memory), the encoder
-logs one line and stays eager from then on. ``$SAM2FLOW_CUDA_GRAPHS=0`` turns graphs off.
+encodings get made). All graphs share one memory pool, which is safe here because they never run at
+once (the engine holds one encoder lock), each replay's outputs are copied out before any other
+replay, and the static inputs and memoised encodings live outside the pool (made before capture).
+If a capture fails (an operation that cannot be captured, out of memory), the encoder logs one
+line and stays eager from then on. ``$SAM2FLOW_CUDA_GRAPHS=0`` turns graphs off.
 """
 
 from __future__ import annotations
