@@ -70,7 +70,7 @@ def test_graph_replays_equal_the_eager_encoder(cuda_engines, dtype):
 def test_graphs_off_runs_the_eager_encoder(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
     engine = Sam2Engine.from_pretrained("hiera_tiny", checkpoint=str(tiny_checkpoint), device="cuda", dtype="float32")
-    assert isinstance(engine.encoder, TorchEncoder)
+    assert type(engine.encoder) is TorchEncoder  # not its CudaGraphEncoder subclass
 
 
 @gpu

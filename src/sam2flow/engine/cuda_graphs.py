@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .encoders import EncoderOutput, ImageSide
+from .encoders import EncoderOutput, ImageSide, TorchEncoder
 
 CUDA_GRAPHS_ENV = "SAM2FLOW_CUDA_GRAPHS"
 WARMUP_RUNS = 2
@@ -44,28 +44,18 @@ class _Captured:
         self.graph, self.pixels, self.outputs = graph, pixels, outputs
 
 
-class CudaGraphEncoder:
-    """``ImageEncoder`` for ``ImageSide`` on a CUDA device: eager once per new batch size (warm-up),
-    then CUDA graph replays. Returns fresh tensors each call (copies of the graph's static outputs),
-    so callers may keep them."""
-
-    backend = "torch"
+class CudaGraphEncoder(TorchEncoder):
+    """``TorchEncoder`` on a CUDA device: eager once per new batch size (warm-up), then CUDA graph
+    replays. Returns fresh tensors each call (copies of the graph's static outputs), so callers may
+    keep them."""
 
     def __init__(self, side: ImageSide, dtype: torch.dtype):
-        self.side = side
-        self.precision = str(dtype).removeprefix("torch.")
-        self.input_dtype = dtype
-        self.runs = 0
+        super().__init__(side, dtype)
+        self._forward = self._run  # TorchEncoder.__call__ runs it in inference mode and counts images
         self.captures = 0  # graphs captured so far (one per batch size seen)
         self.failed: str | None = None  # why capturing failed; then every call runs eagerly
         self._graphs: dict[tuple[int, ...], _Captured] = {}
         self._pool = None  # one memory pool for all graphs (torch.cuda.graph_pool_handle)
-
-    def __call__(self, pixels: torch.Tensor) -> EncoderOutput:
-        with torch.inference_mode():
-            out = self._run(pixels)
-        self.runs += pixels.shape[0]
-        return out
 
     def _run(self, pixels: torch.Tensor) -> EncoderOutput:
         if self.failed is not None or pixels.device.type != "cuda":

@@ -277,9 +277,9 @@ class Sam2Engine:
                 self.backend = "torch"
                 self.quantize = "none"
         self.model.vision_encoder.to(self.dtype)
-        if not compile and cuda_graphs_wanted(self.device):  # one launch per forward: no pause points
-            return CudaGraphEncoder(side, self.dtype)
         if not compile:  # a compiled encoder runs as one graph: no pauses, decodes share the cores
+            if cuda_graphs_wanted(self.device):  # one launch per forward: no pause points either
+                return CudaGraphEncoder(side, self.dtype)
             add_pause_points(side, self._decode_first.wait)
             return TorchEncoder(side, self.dtype)
         # torch.compile, warmed up on one blank image (timed in ``compile_seconds``); each new batch
