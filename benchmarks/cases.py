@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,23 +546,21 @@ def _percentiles(samples: list[float]) -> dict:
 def _click_breakdown(engine, emb, points: np.ndarray, labels: np.ndarray, prev: np.ndarray, repeats: int) -> dict:
     """Median milliseconds of each stage of one refining click, in process: the decoder (to low-res
     logits), selection and upsampling to full size, COCO RLE with its box, the JSON answer."""
-    import time as _time
-
     from sam2flow.engine.prompts import PromptArrays, check_mask_input
     from sam2flow.formats import mask_to_rle
 
     arrays = PromptArrays(None, points[None], labels[None], check_mask_input(prev[None], 1))
     stages: dict[str, list[float]] = {"decoder": [], "select_upsample": [], "rle": [], "json": []}
     for _ in range(repeats):
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         engine.decode_low_res(emb, arrays, False)
-        t1 = _time.perf_counter()
+        t1 = time.perf_counter()
         pred = engine._decode(emb, arrays, False)
-        t2 = _time.perf_counter()
+        t2 = time.perf_counter()
         rle = mask_to_rle(pred.masks[0])
-        t3 = _time.perf_counter()
+        t3 = time.perf_counter()
         json.dumps({"rle": rle, "box": [0.0, 0.0, 1.0, 1.0], "score": float(pred.scores[0])})
-        t4 = _time.perf_counter()
+        t4 = time.perf_counter()
         stages["decoder"].append(t1 - t0)
         stages["select_upsample"].append((t2 - t1) - (t1 - t0))
         stages["rle"].append(t3 - t2)
@@ -569,56 +568,68 @@ def _click_breakdown(engine, emb, points: np.ndarray, labels: np.ndarray, prev: 
     return {k: 1000 * statistics.median(v) for k, v in stages.items()}
 
 
+PACED_CLICKS = 60  # per server in the click case's annotator-pace series
+
+
 def case_click(ctx: Context) -> list[dict]:
-    """One click on an embedded 800x600 image: ours through the server over HTTP on loopback
-    (``POST /page/decode``, the page's path: the previous prompt's logits as mask input, RLE and box
-    out), the reference in process (``predictor.predict(point_coords, point_labels, mask_input=the
-    previous low-res logits)``, its fastest documented mode). p50/p90/p99 in the notes. Where bf16 is
-    native, a second server in bfloat16 (what ``dtype=auto`` runs there: encoder and decoder) against
-    the reference under ``torch.autocast``."""
+    """One click on an embedded 800x600 image: ours through ``sam2flow serve`` in its own process, over
+    HTTP on loopback (``POST /page/decode``, the page's path: the previous prompt's logits as mask
+    input, RLE and box out), the reference in process (``predictor.predict(point_coords,
+    point_labels, mask_input=the previous low-res logits)``, its fastest documented mode). p50/p90/p99
+    in the notes. Where bf16 is native, a second server in bfloat16 (what ``dtype=auto`` runs there:
+    encoder and decoder) against the reference under ``torch.autocast``.
+
+    The server runs as users run it, one process of its own: inside this process its compute thread
+    would be one more OpenMP team beside the reference's and the other server's, and libgomp stops
+    spinning idle helpers when a process has more of them than cores (``engine/threads.py``), which
+    measured ~10 ms a click more on 2 cores. Beside the reference the servers run with
+    ``--click-spin-ms 0`` (their polling would take a core from it); the notes add an annotator's pace,
+    ours alone: one click every 250 ms, against a server with the default polling and one without."""
     import base64
     import io
-    import threading
+    import tempfile
 
     import requests
-    import uvicorn
     from PIL import Image
 
-    from sam2flow.server.app import create_app
     from sam2flow.server.settings import ServerSettings
 
     s = ctx.settings
     sc = data.scene(700, (600, 800))
-    total = s.click_warmup + s.click_repeats
+    total = s.click_warmup + s.click_repeats + 2 * PACED_CLICKS
     sequences = click_sequences(sc, (total + 4) // 5, 700)
     buf = io.BytesIO()
     Image.fromarray(sc.image).save(buf, format="PNG")
     png = base64.b64encode(buf.getvalue()).decode()
     http = requests.Session()
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    servers: list[subprocess.Popen] = []
 
-    def start(dtype: str) -> tuple[str, str]:
-        """A server of ``dtype`` on a free port with the scene embedded: (url, image_id)."""
-        settings = ServerSettings(
-            checkpoint=str(ctx.ckpt.path),
-            preload=[ctx.size],
-            family=ctx.ckpt.family,
-            device=str(ctx.device),
-            dtype=dtype,
-        )
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=_free_port(), log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        while not server.started:
-            thread.join(0.05)
-            if not thread.is_alive():
-                raise RuntimeError("the benchmark server did not start")
-        url = f"http://127.0.0.1:{server.config.port}"
-        while http.get(f"{url}/readyz", timeout=600).status_code != 200:
-            thread.join(0.2)
+    def start(dtype: str, spin_ms: float = 0) -> tuple[str, str]:
+        """``sam2flow serve`` in ``dtype`` on a free port, the scene embedded: (url, image_id).
+
+        ``spin_ms``: the server's ``--click-spin-ms``. 0 where it runs beside the reference: polling
+        between clicks would take a core from the reference's clicks."""
+        port = _free_port()
+        command = [sys.executable, "-m", "sam2flow", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--checkpoint", str(ctx.ckpt.path), "--preload", ctx.size, "--family", ctx.ckpt.family]
+        command += ["--device", str(ctx.device), "--dtype", dtype, "--click-spin-ms", str(spin_ms)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # --threads: both sides
+        log = tempfile.TemporaryFile()
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"the benchmark server did not start: {tail}")
+            try:
+                if http.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
         body = {"image": {"type": "base64", "value": png}, "sam2_version_id": ctx.size}
         r = http.post(f"{url}/sam2/embed_image", timeout=600, json=body)
         r.raise_for_status()
@@ -663,8 +674,23 @@ def case_click(ctx: Context) -> list[dict]:
 
         return click
 
+    def paced(click: Callable[[], Any], gap_s: float = 0.25) -> dict:
+        """An annotator's pace, the reference idle: one click every ``gap_s``; percentiles."""
+        samples = []
+        for _ in range(PACED_CLICKS):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            click()
+            samples.append(time.perf_counter() - t0)
+        return _percentiles(samples[5:])
+
     try:
-        fns = ctx.competitors(ours(*start("float32")), ref(), ours(*start("bfloat16")) if ctx.ours_bf16 else None)
+        started = {"float32": start("float32")}
+        if ctx.ours_bf16:
+            started["bfloat16"] = start("bfloat16")
+        fns = ctx.competitors(
+            ours(*started["float32"]), ref(), ours(*started["bfloat16"]) if "bfloat16" in started else None
+        )
         if REF_BF16 in fns:
             fns[REF_BF16] = ctx.ref(ref(), autocast=True)  # its own click sequence and previous masks
         with torch.inference_mode():
@@ -673,8 +699,11 @@ def case_click(ctx: Context) -> list[dict]:
         m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync)
         pts, labels = sequences[0]
         extra = {}
-        for variant, engine in ((OURS, ctx.ours), (OURS_BF16, ctx.ours_bf16)):
+        for variant, engine, dtype in ((OURS, ctx.ours, "float32"), (OURS_BF16, ctx.ours_bf16, "bfloat16")):
             if variant in m.samples:
+                ctx.log(f"click: {dtype} at an annotator's pace, {PACED_CLICKS} clicks 250 ms apart, polling on/off")
+                spinning = start(dtype, ServerSettings().click_spin_ms)
+                paced_on, paced_off = paced(ours(*spinning)), paced(ours(*started[dtype]))
                 emb = engine.embed([sc.image])[0]
                 prev = engine.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
                 extra[variant] = dict(
@@ -684,11 +713,16 @@ def case_click(ctx: Context) -> list[dict]:
                         engine, emb, pts[:2], labels[:2], prev, max(5, s.click_repeats // 5)
                     ),
                     route="POST /page/decode on loopback (reference in process)",
+                    paced_percentiles_ms=paced_on,
+                    paced_no_spin_percentiles_ms=paced_off,
                 )
     finally:
-        for server, thread in servers:
-            server.should_exit = True
-            thread.join(30)
+        for server in servers:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
     return rows(
         ctx,
         "800x600, 1-5 points + mask, HTTP",

@@ -60,6 +60,15 @@ def notes(e: dict) -> str:
             + ")"
         )
         parts.append("stages " + ", ".join(f"{k} {fmt(v)}" for k, v in e["ours_stages_ms"].items()) + " ms")
+    if "paced_percentiles_ms" in e:
+        on, off = e["paced_percentiles_ms"], e["paced_no_spin_percentiles_ms"]
+        parts.append(
+            "one click every 250 ms, ours alone: p50/p90/p99 "
+            + "/".join(fmt(on[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
+            + " ms (click_spin_ms 0: "
+            + "/".join(fmt(off[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
+            + ")"
+        )
     if "ours_new_image_ms" in e:
         parts.append(
             f"ours on a new image {fmt(e['ours_new_image_ms'])} ms (mask IoU stored vs new "

@@ -28,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tests/test_openvino.py runs the OpenVINO one. Converted encoders go to a fresh folder per run.
 os.environ.setdefault("SAM2FLOW_BACKEND", "torch")
 os.environ.setdefault("SAM2FLOW_CACHE_DIR", tempfile.mkdtemp(prefix="sam2flow-test-cache-"))
+# Servers made by the tests sleep between clicks: a compute thread polling for a second after each
+# one would take a core from the next test on a 2-core CI machine. tests/test_threads.py tests it.
+os.environ.setdefault("SAM2FLOW_CLICK_SPIN_MS", "0")
 
 _MODELS: dict[tuple[str, str], object] = {}
 

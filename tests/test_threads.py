@@ -20,7 +20,7 @@ from tests.conftest import random_image
 
 from sam2flow import Prompt, Sam2Engine
 from sam2flow.engine.store import EmbeddingStore
-from sam2flow.engine.threads import OPENMP_ENV, ComputeThread, compute_thread
+from sam2flow.engine.threads import OPENMP_ENV, SPIN_AFTER_S, ComputeThread, compute_thread
 
 
 def _libgomp_settings(code: str, **env: str) -> str:
@@ -87,6 +87,43 @@ def test_compute_thread_runs_jobs_urgent_first_and_hands_back_errors():
         compute.call(_raise, ValueError("bad prompt"))
     # a call made on the thread itself runs at once instead of queueing behind its caller
     assert compute.call(lambda: compute.call(lambda: threading.current_thread().name)) == "test-compute"
+
+
+def test_after_a_click_the_compute_thread_keeps_its_cpu_busy_for_spin_s_then_sleeps():
+    """An idle CPU answers the next click slowly on the VMs measured (engine/threads.py): after an
+    urgent job the thread polls for ``spin_s``, using CPU; after other jobs, and after the window, none."""
+    compute = ComputeThread("test-spin", spin_s=0.6)
+    clock = time.pthread_getcpuclockid(compute.call(threading.get_ident))
+
+    def cpu_while_idle(seconds: float) -> float:
+        before = time.clock_gettime(clock)
+        time.sleep(seconds)
+        return time.clock_gettime(clock) - before
+
+    compute.call(int)  # an embed, say: the thread sleeps at once
+    assert cpu_while_idle(0.3) < 0.05
+    compute.call(int, urgent=True)  # a click
+    time.sleep(SPIN_AFTER_S)
+    assert cpu_while_idle(0.3) > 0.1
+    # a job arriving meanwhile runs on the thread, and the window still ends
+    assert compute.call(lambda: threading.current_thread().name) == "test-spin"
+    time.sleep(0.5)
+    assert cpu_while_idle(0.3) < 0.05
+
+
+def test_a_server_sets_the_click_spin_of_its_compute_thread(monkeypatch):
+    from pydantic import ValidationError
+
+    from sam2flow.server.app import create_app
+    from sam2flow.server.settings import ServerSettings
+
+    monkeypatch.setattr(compute_thread(), "spin_s", 0.0)  # restored after the test
+    create_app(ServerSettings(click_spin_ms=250))
+    assert compute_thread().spin_s == 0.25
+    monkeypatch.delenv("SAM2FLOW_CLICK_SPIN_MS")
+    assert ServerSettings().click_spin_ms == 1000  # the default outside the test suite
+    with pytest.raises(ValidationError, match="click_spin_ms"):
+        ServerSettings(click_spin_ms=-1)
 
 
 def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkpoint, tmp_path):

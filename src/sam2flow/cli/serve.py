@@ -30,6 +30,12 @@ def add_parser(sub) -> None:
     srv.add_argument("--checkpoint", help="weights for the first preloaded version (SAM2FLOW_CHECKPOINT)")
     srv.add_argument("--max-batch-size", type=int, help="images embedded together (SAM2FLOW_MAX_BATCH_SIZE)")
     srv.add_argument("--max-wait-ms", type=float, help="batching wait (SAM2FLOW_MAX_WAIT_MS)")
+    srv.add_argument(
+        "--click-spin-ms",
+        type=float,
+        help="after a click, keep a CPU busy this long waiting for the next (default 1000; 0: off) "
+        "(SAM2FLOW_CLICK_SPIN_MS)",
+    )
     srv.add_argument("--images", metavar="DIR", help="labelling page: label the images of DIR (read-only)")
     srv.add_argument("--labels", metavar="A,B,...", help="labelling page: the class list (SAM2FLOW_LABELS)")
     srv.add_argument(

@@ -14,16 +14,24 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
+
+import numpy as np
 
 R = TypeVar("R")
 
 # Spin ~30k iterations, then sleep; measured on 2 cores: 10k-100k keep a second team's small kernels at
 # the first team's speed, libgomp's own 300k let the idle team's spinning slow the busy one again.
 OPENMP_ENV = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000"}
+
+
+# A server's compute thread polls for the next click this long after answering one (``ComputeThread``).
+CLICK_SPIN_S = 1.0
+SPIN_AFTER_S = 0.02  # ... starting this long after it: the answer's RLE and JSON get the CPU first
 
 
 def tune_openmp() -> bool:
@@ -49,9 +57,19 @@ class ComputeThread:
     is urgent itself: a long job's decodes let clicks through). ``urgent`` jobs (clicks) go before
     the others, and ``run_urgent``, called at an encoder's pause points, runs the urgent jobs waiting
     now: a click waits for at most one stretch of encoder work, never a whole image.
+
+    ``spin_s``: for this long after an urgent job (from ``SPIN_AFTER_S`` on) the idle thread keeps its
+    CPU busy while it waits for the next job, instead of sleeping. On the 2-core VMs measured, a CPU
+    left idle for more than ~100 ms answers the next click slowly: one click every 250 ms over HTTP
+    (hiera_tiny, bf16, 800 × 600, ``/page/decode``) took p50 28-33, p90 54-65, p99 70-80 ms, against
+    18-19 / 19-20 / 20-24 back to back; polling took it to p50 23-25, p90 24-26, p99 26-28, one core
+    busy meanwhile. Sleeping in short naps does not help (the CPU still idles), nor does libgomp's
+    spinning on its own. 0 (the default; a server sets its ``click_spin_ms``) sleeps at once.
     """
 
-    def __init__(self, name: str = "sam2flow-compute"):
+    def __init__(self, name: str = "sam2flow-compute", spin_s: float = 0.0):
+        self.spin_s = spin_s
+        self._spin_until = 0.0
         self._cv = threading.Condition()
         self._urgent: deque = deque()
         self._normal: deque = deque()
@@ -82,6 +100,8 @@ class ComputeThread:
                 job = self._urgent.popleft()
             self._run(job)
             ran += 1
+        if ran:
+            self._spin_until = time.monotonic() + self.spin_s
         return ran
 
     @property
@@ -89,12 +109,22 @@ class ComputeThread:
         with self._cv:
             return len(self._urgent) + len(self._normal)
 
+    def _pending(self) -> bool:
+        return bool(self._urgent or self._normal)
+
     def _loop(self) -> None:
         while True:
+            if time.monotonic() < self._spin_until:
+                with self._cv:
+                    self._cv.wait_for(self._pending, SPIN_AFTER_S)
+                _poll(self._pending, self._spin_until)
             with self._cv:
-                self._cv.wait_for(lambda: self._urgent or self._normal)
+                self._cv.wait_for(self._pending)
+                urgent = bool(self._urgent)
                 job = (self._urgent or self._normal).popleft()
             self._run(job)
+            if urgent:
+                self._spin_until = time.monotonic() + self.spin_s
 
     @staticmethod
     def _run(job) -> None:
@@ -105,6 +135,14 @@ class ComputeThread:
             future.set_result(fn(*args))
         except BaseException as e:  # handed to the caller, which re-raises it
             future.set_exception(e)
+
+
+def _poll(ready: Callable[[], bool], until: float) -> None:
+    """Keep this CPU busy until ``ready()`` or ``until`` (``time.monotonic()``), holding the GIL little:
+    numpy adds 64 KB (L2-resident, a few µs) without it between two checks."""
+    scratch = np.zeros(16384, np.float32)
+    while not ready() and time.monotonic() < until:
+        np.add(scratch, 1.0, out=scratch)
 
 
 _compute: tuple[int, ComputeThread] | None = None

@@ -28,6 +28,7 @@ from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
 from ..engine.prompts import Prompt, PromptBudget, PromptLimitError
 from ..engine.store import EmbeddingStore, StoreError
+from ..engine.threads import compute_thread
 from ..engine.types import ImageEmbedding
 from ..formats import mask_to_polygons, mask_to_rle
 from ..images import ImageTooLarge, load_wire_image, wire_loader
@@ -70,6 +71,7 @@ class ServerState:
             EmbeddingStore(settings.store, settings.store_write) if settings.store else None,
             interactive=True,  # clicks are answered while images embed: see engine/encoders.py
         )
+        compute_thread().spin_s = settings.click_spin_ms / 1000  # the engines' compute thread, process-wide
         self.metrics = ServerMetrics(cache)
         self.batcher = EmbedBatcher(
             settings.embed_batch_size(), settings.max_wait_ms / 1000, self.metrics.batch_size.observe

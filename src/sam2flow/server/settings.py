@@ -33,6 +33,9 @@ class ServerSettings(BaseSettings):
     max_resident_models: int = 2
     max_batch_size: int | None = None  # images embedded together across requests; default 1 on CPU, 4 on GPUs
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests
+    # After answering a click the compute thread keeps a CPU busy this long, waiting for the next one
+    # (an idle CPU answers it ~10-40 ms later on the VMs measured: engine/threads.py); 0: sleep at once.
+    click_spin_ms: float = Field(1000.0, ge=0)
     cache_entries: int = 64
     cache_bytes: int = 2 << 30
     max_body_bytes: int = 64 << 20
