@@ -20,7 +20,7 @@ from tests.conftest import random_image
 
 from sam2flow import Prompt, Sam2Engine
 from sam2flow.engine.store import EmbeddingStore
-from sam2flow.engine.threads import OPENMP_ENV, SPIN_AFTER_S, ComputeThread, compute_thread
+from sam2flow.engine.threads import CLICK_SPIN_S, OPENMP_ENV, SPIN_AFTER_S, ComputeThread, compute_thread
 
 
 def _libgomp_settings(code: str, **env: str) -> str:
@@ -121,7 +121,7 @@ def test_a_server_sets_the_click_spin_of_its_compute_thread(monkeypatch):
     create_app(ServerSettings(click_spin_ms=250))
     assert compute_thread().spin_s == 0.25
     monkeypatch.delenv("SAM2FLOW_CLICK_SPIN_MS")
-    assert ServerSettings().click_spin_ms == 1000  # the default outside the test suite
+    assert ServerSettings().click_spin_ms == 1000 * CLICK_SPIN_S  # the default outside the test suite
     with pytest.raises(ValidationError, match="click_spin_ms"):
         ServerSettings(click_spin_ms=-1)
 

@@ -61,10 +61,11 @@ class ComputeThread:
     ``spin_s``: for this long after an urgent job (from ``SPIN_AFTER_S`` on) the idle thread keeps its
     CPU busy while it waits for the next job, instead of sleeping. On the 2-core VMs measured, a CPU
     left idle for more than ~100 ms answers the next click slowly: one click every 250 ms over HTTP
-    (hiera_tiny, bf16, 800 × 600, ``/page/decode``) took p50 28-33, p90 54-65, p99 70-80 ms, against
-    18-19 / 19-20 / 20-24 back to back; polling took it to p50 23-25, p90 24-26, p99 26-28, one core
-    busy meanwhile. Sleeping in short naps does not help (the CPU still idles), nor does libgomp's
-    spinning on its own. 0 (the default; a server sets its ``click_spin_ms``) sleeps at once.
+    (hiera_tiny, bf16, 800 × 600, ``/page/decode``, an Intel Xeon with AMX) took p50/p90/p99 33/59/72 ms
+    against 18-22/19-23/20-29 back to back; polling took it to 24-26/25-31/30-39, one core busy
+    meanwhile. Short naps instead (0.2-5 ms sleeps) did not help: the CPU still idles. libgomp's own
+    spinning does, with a spin count (``GOMP_SPINCOUNT`` 3,000,000: ~0.2 s here) whose length in time
+    depends on the CPU model. 0 (the default; a server sets its ``click_spin_ms``) sleeps at once.
     """
 
     def __init__(self, name: str = "sam2flow-compute", spin_s: float = 0.0):

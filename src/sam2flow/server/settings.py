@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..engine.prompts import PromptBudget
+from ..engine.threads import CLICK_SPIN_S
 from ..images import ImageLimits
 
 
@@ -35,7 +36,7 @@ class ServerSettings(BaseSettings):
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests
     # After answering a click the compute thread keeps a CPU busy this long, waiting for the next one
     # (an idle CPU answers it ~10-40 ms later on the VMs measured: engine/threads.py); 0: sleep at once.
-    click_spin_ms: float = Field(1000.0, ge=0)
+    click_spin_ms: float = Field(CLICK_SPIN_S * 1000, ge=0)
     cache_entries: int = 64
     cache_bytes: int = 2 << 30
     max_body_bytes: int = 64 << 20
