@@ -51,24 +51,12 @@ def notes(e: dict) -> str:
             f"after load {fmt(a['ours'])}/{fmt(a['reference'])} MiB"
         )
     if "ours_percentiles_ms" in e:
-        o, r = e["ours_percentiles_ms"], e["reference_percentiles_ms"]
-        parts.append(
-            "p50/p90/p99 "
-            + "/".join(fmt(o[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
-            + " ms (ref "
-            + "/".join(fmt(r[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
-            + ")"
-        )
+        p = e["reference_percentiles_ms"]
+        parts.append(f"p50/p90/p99 {_percentiles(e['ours_percentiles_ms'])} ms (ref {_percentiles(p)})")
         parts.append("stages " + ", ".join(f"{k} {fmt(v)}" for k, v in e["ours_stages_ms"].items()) + " ms")
     if "paced_percentiles_ms" in e:
-        on, off = e["paced_percentiles_ms"], e["paced_no_spin_percentiles_ms"]
-        parts.append(
-            "one click every 250 ms, ours alone: p50/p90/p99 "
-            + "/".join(fmt(on[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
-            + " ms (click_spin_ms 0: "
-            + "/".join(fmt(off[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
-            + ")"
-        )
+        on, off = _percentiles(e["paced_percentiles_ms"]), _percentiles(e["paced_no_spin_percentiles_ms"])
+        parts.append(f"one click every 250 ms, ours alone: p50/p90/p99 {on} ms (click_spin_ms 0: {off})")
     if "ours_new_image_ms" in e:
         parts.append(
             f"ours on a new image {fmt(e['ours_new_image_ms'])} ms (mask IoU stored vs new "
@@ -347,3 +335,8 @@ def write_json(path: Path, machine: dict, results: dict) -> None:
     with open(path, "w") as f:
         json.dump(_finite({"machine": machine, "cases": results}), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
+
+
+def _percentiles(p: dict) -> str:
+    """``{"p50_ms": .., "p90_ms": .., "p99_ms": ..}`` → "a/b/c"."""
+    return "/".join(fmt(p[k]) for k in ("p50_ms", "p90_ms", "p99_ms"))
