@@ -102,13 +102,17 @@ class ComputeThread:
             self._run(job)
             ran += 1
         if ran:
-            self._spin_until = time.monotonic() + self.spin_s
+            self._clicked()
         return ran
 
     @property
     def queued(self) -> int:
         with self._cv:
             return len(self._urgent) + len(self._normal)
+
+    def _clicked(self) -> None:
+        """An urgent job just ran: poll for the next job for ``spin_s`` from now."""
+        self._spin_until = time.monotonic() + self.spin_s
 
     def _pending(self) -> bool:
         return bool(self._urgent or self._normal)
@@ -125,7 +129,7 @@ class ComputeThread:
                 job = (self._urgent or self._normal).popleft()
             self._run(job)
             if urgent:
-                self._spin_until = time.monotonic() + self.spin_s
+                self._clicked()
 
     @staticmethod
     def _run(job) -> None:
