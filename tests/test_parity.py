@@ -112,6 +112,16 @@ def test_mask_input_parity(make_checkpoint):
     ours = engine.predict(emb, boxes=boxes, mask_input=first.low_res_logits, multimask_output=False)
     ref = reference_best(predictor, box=boxes, mask_input=first.low_res_logits[:, None], multimask_output=False)
     assert_parity(ours, ref)
+    # One prompt (a click refining an object: its own fast path) with a positive and a negative point.
+    click = {"point_coords": np.array([[100, 140], [60, 40]], np.float32), "point_labels": np.array([1, 0])}
+    ours = engine.predict(
+        emb,
+        points=click["point_coords"][None],
+        point_labels=click["point_labels"][None],
+        mask_input=first.low_res_logits[:1],
+        multimask_output=False,
+    )
+    assert_parity(ours, reference_best(predictor, **click, mask_input=first.low_res_logits[:1], multimask_output=False))
 
 
 @pytest.mark.parametrize("hole, sprinkle", [(60, 0), (0, 60), (400, 400)])

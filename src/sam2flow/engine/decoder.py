@@ -14,6 +14,13 @@ of tokens (~9 per prompt):
   Image tokens attending to tokens: ``q·k = (X+P)·(Wqᵀ k) + bq·k``, and the output projection is
   applied to the ~9 token values before mixing them, not to 4096 mixed rows.
 
+- A mask prompt's embedding is computed on channels-last rows, and its last (1 × 1) convolution
+  is added to the image tokens inside one matmul (``prompted_image``).
+
+Precision: image-sized work runs in the image tokens' dtype, token-sized work in the dtype of the
+``decoder`` passed in (the engine passes its float32 decoder for a single prompt: ~9-row matmuls in
+bf16 cost more than in float32 on a CPU) and tensors are cast where the two meet.
+
 Results equal transformers' within float32 rounding (the tests compare masks by IoU against the
 reference package); mask inputs (a different dense embedding per prompt) only lose the sharing.
 """
@@ -51,9 +58,9 @@ def _tokens_to_shared_image(attn, q: torch.Tensor, k_img: torch.Tensor, v_img: t
     """Tokens (N, T, C) attend to one image's projected keys/values (heads, L, d) → (N, T, C)."""
     n, t, _ = q.shape
     h = attn.num_attention_heads
-    qh = attn.q_proj(q).view(n * t, h, -1).transpose(0, 1)  # all prompts' tokens as one query set
+    qh = attn.q_proj(q).view(n * t, h, -1).transpose(0, 1).to(k_img.dtype)  # all prompts' tokens: one query set
     out = F.scaled_dot_product_attention(qh[None], k_img[None], v_img[None], scale=attn.scaling)[0]
-    return attn.o_proj(out.transpose(0, 1).reshape(n, t, -1))
+    return attn.o_proj(out.transpose(0, 1).reshape(n, t, -1).to(q.dtype))
 
 
 def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
@@ -61,8 +68,9 @@ def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, xp: torch.Tensor) -
     n, t, c = q.shape
     h = attn.num_attention_heads
     a = torch.einsum("nhtd,hdc->nhtc", _heads(attn.q_proj(q), h), attn.k_proj.weight.view(h, -1, c))
-    p = torch.bmm(a.mul_(attn.scaling).reshape(n, h * t, c), xp.transpose(1, 2)).softmax(-1)  # (N, heads·T, L)
-    px = torch.bmm(p, x).view(n, h, t, c)
+    a = a.mul_(attn.scaling).reshape(n, h * t, c).to(x.dtype)
+    p = torch.bmm(a, xp.transpose(1, 2)).softmax(-1)  # (N, heads·T, L)
+    px = torch.bmm(p, x).view(n, h, t, c).to(q.dtype)
     out = torch.einsum("nhtc,hdc->nhtd", px, attn.v_proj.weight.view(h, -1, c)) + attn.v_proj.bias.view(h, 1, -1)
     return attn.o_proj(_merge(out))
 
@@ -77,16 +85,16 @@ def _image_to_tokens(attn, x, xp, k, v, q_img=None) -> torch.Tensor:
     h = attn.num_attention_heads
     kh = _heads(attn.k_proj(k), h)  # (N, heads, T, d)
     if q_img is not None:
-        logits = torch.einsum("hld,nhtd->nhtl", q_img, kh).mul_(attn.scaling)
+        logits = torch.einsum("hld,nhtd->nhtl", q_img, kh.to(q_img.dtype)).mul_(attn.scaling)
     else:
-        b = torch.einsum("hdc,nhtd->nhtc", attn.q_proj.weight.view(h, -1, c), kh).mul_(attn.scaling)
-        bias = torch.einsum("hd,nhtd->nht", attn.q_proj.bias.view(h, -1), kh).mul_(attn.scaling)
+        b = torch.einsum("hdc,nhtd->nhtc", attn.q_proj.weight.view(h, -1, c), kh).mul_(attn.scaling).to(x.dtype)
+        bias = torch.einsum("hd,nhtd->nht", attn.q_proj.bias.view(h, -1), kh).mul_(attn.scaling).to(x.dtype)
         logits = torch.baddbmm(bias.reshape(n, h * t, 1), b.reshape(n, h * t, c), xp.transpose(1, 2)).view(n, h, t, -1)
     p = logits.softmax(2)  # over the tokens: (N, heads, T, L)
     # Values go through the output projection before mixing; each image token's weights sum to 1
     # per head, so the output bias rides along as bias / heads.
     u = torch.einsum("nhtd,chd->nhtc", _heads(attn.v_proj(v), h), attn.o_proj.weight.view(c, h, -1))
-    u = u + attn.o_proj.bias / h
+    u = (u + attn.o_proj.bias / h).to(x.dtype)
     return torch.baddbmm(x.expand(n, -1, -1), p.reshape(n, h * t, -1).transpose(1, 2), u.reshape(n, h * t, c))
 
 
@@ -175,7 +183,7 @@ def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor) -> 
     y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
     y = torch.baddbmm(add2.expand(n, -1, -1), y, w2.expand(n, -1, -1)).view(n, 16 * l, c2)
     y = decoder.activation(y)
-    return torch.bmm(hyper, y.transpose(1, 2))
+    return torch.bmm(hyper.to(y.dtype), y.transpose(1, 2))
 
 
 def _raster(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -186,30 +194,77 @@ def _raster(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return m.view(n, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(n, k, 4 * h, 4 * w)
 
 
+def _patches(x: torch.Tensor) -> torch.Tensor:
+    """(N, H·2, W·2, C) → (N, H, W, 4·C): each 2 × 2 patch as one vector, ordered (row offset, column
+    offset, channel), which is a stride-2, 2 × 2 convolution's input once its weight is permuted to match."""
+    n, hh, ww, c = x.shape
+    return x.view(n, hh // 2, 2, ww // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hh // 2, ww // 2, 4 * c)
+
+
+def _conv_as_linear(conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A 2 × 2 convolution's weight (out, in, kh, kw) as a linear layer's (out, kh·kw·in) for ``_patches``."""
+    return conv.weight.permute(0, 2, 3, 1).flatten(1)
+
+
+def _mask_features(embed, masks: torch.Tensor) -> torch.Tensor:
+    """The prompt encoder's mask embedding up to its last convolution: (N, 1, 4H, 4W) mask logits →
+    (N, H·W, 16) rows in image-token order (row-major over the H × W embedding grid), float32.
+
+    transformers' ``Sam2MaskEmbedding`` runs two stride-2, 2 × 2 convolutions on channels-first
+    tensors with a permuted layer norm after each; on channels-last rows each is one small matmul and
+    the layer norms run over contiguous channels.
+    """
+    x = masks.permute(0, 2, 3, 1)  # (N, 4H, 4W, 1)
+    for conv, norm in ((embed.conv1, embed.layer_norm1), (embed.conv2, embed.layer_norm2)):
+        x = F.linear(_patches(x), _conv_as_linear(conv), conv.bias)
+        x = embed.activation(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+    return x.flatten(1, 2)
+
+
+def image_rows(image_embed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An image embedding (C, H, W) as the decoder's image tokens (H·W, C) in ``dtype``, contiguous:
+    the per-image form callers keep."""
+    return image_embed.flatten(1).t().to(dtype).contiguous()
+
+
+def prompted_image(rows: torch.Tensor, prompt_encoder, masks: torch.Tensor | None) -> torch.Tensor:
+    """The image tokens plus the dense prompt embedding: (1, L, C) without mask prompts (the same
+    no-mask embedding for every prompt), else (N, L, C) for masks (N, 1, 4H, 4W) of low-resolution logits.
+
+    A mask's embedding ends with a 1 × 1 convolution (16 → C channels): it is one matmul per prompt
+    whose result is added to the image tokens in the same product (its bias rides as a 17th input
+    channel of ones). ``rows`` from ``image_rows``; the result is in ``rows``' dtype.
+    """
+    if masks is None:
+        return (rows + prompt_encoder.no_mask_embed.weight.to(rows.dtype))[None]
+    embed = prompt_encoder.mask_embed
+    feats = _mask_features(embed, masks)
+    feats = torch.cat([feats, feats.new_ones(*feats.shape[:2], 1)], 2).to(rows.dtype)
+    w = torch.cat([embed.conv3.weight.flatten(1).t(), embed.conv3.bias[None]]).to(rows.dtype)
+    return torch.baddbmm(rows.expand(len(masks), -1, -1), feats, w.expand(len(masks), -1, -1))
+
+
 def decode(
     decoder,
-    image_embed: torch.Tensor,
+    image: torch.Tensor,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
-    dense: torch.Tensor,
     operands: tuple[torch.Tensor, ...],
     multimask_output: bool,
     chunk: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-resolution mask logits (N, K, 256, 256) and predicted IoU (N, K) for N prompts of one image.
+    """Low-resolution mask logits (N, K, 4H, 4W) and predicted IoU (N, K) for N prompts of one image.
 
-    ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights); ``image_embed`` (C, 64, 64);
-    ``image_pe`` (1, C, 64, 64); ``sparse`` (N, 1, S, C) prompt tokens; ``dense`` (1 or N, C, 64, 64)
-    (1: the same for every prompt, so the image side is shared); ``operands``: this image's
+    ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights), which sets the precision of the
+    token-sized work; ``image`` (1 or N, L = H·W, C): ``prompted_image``, in the precision of the
+    image-sized work (1: the same for every prompt, so the image side is shared); ``image_pe``
+    (1, C, H, W) in that precision; ``sparse`` (N, 1, S, C) prompt tokens; ``operands``: this image's
     ``upscale_operands`` (they depend on the image only, not the prompts, so callers keep them). K = 3
     with ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable
     single mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256)
     tensors in cache; the per-image work is done once for all chunks.
     """
-    c, hh, ww = image_embed.shape
-    image = (image_embed + dense).flatten(2).transpose(1, 2)  # (1 or N, L, C)
-    if image.shape[0] == 1:  # the sum of two channels-last tensors has an odd stride on its size-1 batch
-        image = image[0].unsqueeze(0)  # dimension, which makes bmm copy it (~0.7 ms a product): reset it
+    hh, ww = image_pe.shape[-2:]
     pos = image_pe[0].flatten(1).t()
     # One image for several prompts: project its 4096 tokens once (three (4096, 256) × (256, 128)
     # products) and share them. A single prompt is cheaper with the projections folded into its tokens.

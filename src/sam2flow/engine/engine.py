@@ -21,7 +21,7 @@ from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .cuda_graphs import CudaGraphEncoder, cuda_graphs_wanted
-from .decoder import decode, upscale_operands
+from .decoder import decode, image_rows, prompted_image, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
@@ -463,9 +463,9 @@ class Sam2Engine:
             xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
             lab = torch.cat(labels, 1).to(dev)
             mask = torch.from_numpy(prompts.mask_input).to(dev) if prompts.mask_input is not None else None
-            # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows.
-            sparse, dense = self.model.prompt_encoder(xy[:, None], lab[:, None], None, mask)
             if not self.fused_decoder:
+                # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows.
+                sparse, dense = self.model.prompt_encoder(xy[:, None], lab[:, None], None, mask)
                 low_res, iou, _, _ = self.model.mask_decoder(
                     image_embeddings=emb.image_embed[None].expand(len(xy), -1, -1, -1),
                     image_positional_embeddings=self._image_pe,
@@ -475,22 +475,22 @@ class Sam2Engine:
                     high_resolution_features=[f[None] for f in emb.high_res_feats],
                 )
                 return low_res[:, 0], iou[:, 0]
-            if mask is None:
-                dense = dense[:1]  # the same no-mask embedding for every prompt: share the image side
+            sparse, _ = self.model.prompt_encoder(xy[:, None], lab[:, None], None, None)
             dd = self.decoder_dtype
             key = (emb.key, emb.high_res_feats[0].data_ptr())  # this image, these very features
             cached = self._operands.get(key)
-            if cached is None:  # the image embedding in the decoder's precision, and its upscale_operands
+            if cached is None:  # the image tokens in the decoder's precision, and the upscale_operands
                 high_res = tuple(f.to(dd) for f in emb.high_res_feats)
-                cached = (emb.image_embed.to(dd), *upscale_operands(self._decoder, high_res))
+                cached = (image_rows(emb.image_embed, dd), *upscale_operands(self._decoder, high_res))
                 self._operands.put(key, cached)
-            image, *operands = cached
+            rows, *operands = cached
+            # A single prompt's token-sized work in float32 (``engine/decoder.py``: Precision).
+            tokens = self.model.mask_decoder if len(xy) == 1 else self._decoder
             low_res, iou = decode(
-                self._decoder,
-                image,
+                tokens,
+                prompted_image(rows, self.model.prompt_encoder, mask),
                 self._decoder_pe,
-                sparse.to(dd),
-                dense.to(dd),
+                sparse.to(tokens.iou_token.weight.dtype),
                 tuple(operands),
                 multimask_output,
                 self.decode_chunk,
