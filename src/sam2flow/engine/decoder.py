@@ -278,14 +278,25 @@ def decode(
         queries, x = _transformer(decoder.transformer, tokens, image if shared else image[i : i + chunk], pos, first)
         mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        parts.append((_upscaled_masks(decoder, x, operands, hyper), decoder.iou_prediction_head(queries[:, 1])))
+        iou = decoder.iou_prediction_head(queries[:, 1])
+        hyper, iou = _candidates(decoder, hyper, iou, multimask_output)
+        parts.append((_upscaled_masks(decoder, x, operands, hyper), iou))
     masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    # Only the candidates returned are put in image order (the stability check below counts pixels,
-    # which needs no order): one of four for a single mask.
-    if multimask_output:
-        return _raster(masks[:, 1:], (hh, ww)), iou[:, 1:]
-    if decoder.dynamic_multimask_via_stability:
-        n, k, _ = masks.shape
+    if not multimask_output and decoder.dynamic_multimask_via_stability:
+        n, k, _ = masks.shape  # k = 2: the single mask, then the best of the three others
         m, s = decoder._dynamic_multimask_via_stability(masks.view(1, n, k, 4 * hh, 4 * ww), iou[None])
         return _raster(m[0].flatten(2), (hh, ww)), s[0]
-    return _raster(masks[:, :1], (hh, ww)), iou[:, :1]
+    return _raster(masks, (hh, ww)), iou
+
+
+def _candidates(decoder, hyper: torch.Tensor, iou: torch.Tensor, multimask_output: bool):
+    """The mask tokens worth upscaling (upscaling is the costly part: a product over 16·L pixels
+    per token): hyper (N, 4, C/8) and IoU (N, 4) → the three multimask candidates, or the single
+    mask alone, or, with SAM2's fall-back for an unstable single mask, the single mask and the best
+    of the three by predicted IoU (the only one the fall-back can pick)."""
+    if multimask_output:
+        return hyper[:, 1:], iou[:, 1:]
+    if not decoder.dynamic_multimask_via_stability:
+        return hyper[:, :1], iou[:, :1]
+    pick = torch.stack([torch.zeros_like(iou[:, 0], dtype=torch.long), iou[:, 1:].argmax(1) + 1], 1)  # (N, 2)
+    return hyper.gather(1, pick[..., None].expand(-1, -1, hyper.shape[2])), iou.gather(1, pick)
