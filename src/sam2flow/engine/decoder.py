@@ -247,25 +247,27 @@ def prompted_image(rows: torch.Tensor, prompt_encoder, masks: torch.Tensor | Non
 def decode(
     decoder,
     image: torch.Tensor,
-    image_pe: torch.Tensor,
+    pos: torch.Tensor,
+    grid: tuple[int, int],
     sparse: torch.Tensor,
     operands: tuple[torch.Tensor, ...],
     multimask_output: bool,
     chunk: int = 8,
+    best_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (N, K, 4H, 4W) and predicted IoU (N, K) for N prompts of one image.
 
     ``decoder``: transformers' ``Sam2MaskDecoder`` (its weights), which sets the precision of the
     token-sized work; ``image`` (1 or N, L = H·W, C): ``prompted_image``, in the precision of the
-    image-sized work (1: the same for every prompt, so the image side is shared); ``image_pe``
-    (1, C, H, W) in that precision; ``sparse`` (N, 1, S, C) prompt tokens; ``operands``: this image's
-    ``upscale_operands`` (they depend on the image only, not the prompts, so callers keep them). K = 3
-    with ``multimask_output`` else 1 (with SAM2's fall-back to the best of three for an unstable
-    single mask). Prompts go ``chunk`` at a time, which keeps each chunk's (prompts, 4096, 256)
-    tensors in cache; the per-image work is done once for all chunks.
+    image-sized work (1: the same for every prompt, so the image side is shared); ``pos`` (L, C):
+    the positional encoding as ``image_rows`` in that precision; ``grid``: (H, W); ``sparse``
+    (N, 1, S, C) prompt tokens; ``operands``: this image's ``upscale_operands`` (they depend on the
+    image only, not the prompts, so callers keep them). K = 3 with ``multimask_output`` else 1 (with
+    SAM2's fall-back to the best of three for an unstable single mask); 1 with ``best_only``: the
+    candidate with the highest predicted IoU. Prompts go ``chunk`` at a time, which keeps each
+    chunk's (prompts, 4096, 256) tensors in cache; the per-image work is done once for all chunks.
     """
-    hh, ww = image_pe.shape[-2:]
-    pos = image_pe[0].flatten(1).t()
+    hh, ww = grid
     # One image for several prompts: project its 4096 tokens once (three (4096, 256) × (256, 128)
     # products) and share them. A single prompt is cheaper with the projections folded into its tokens.
     shared = image.shape[0] == 1 and sparse.shape[0] > 1
@@ -279,7 +281,7 @@ def decode(
         mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
         iou = decoder.iou_prediction_head(queries[:, 1])
-        hyper, iou = _candidates(decoder, hyper, iou, multimask_output)
+        hyper, iou = _candidates(decoder, hyper, iou, multimask_output, best_only)
         parts.append((_upscaled_masks(decoder, x, operands, hyper), iou))
     masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if not multimask_output and decoder.dynamic_multimask_via_stability:
@@ -289,14 +291,21 @@ def decode(
     return _raster(masks, (hh, ww)), iou
 
 
-def _candidates(decoder, hyper: torch.Tensor, iou: torch.Tensor, multimask_output: bool):
+def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (N, K') of each prompt's candidates x (N, K, ...) → (N, K', ...)."""
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def _candidates(decoder, hyper: torch.Tensor, iou: torch.Tensor, multimask_output: bool, best_only: bool):
     """The mask tokens worth upscaling (upscaling is the costly part: a product over 16·L pixels
-    per token): hyper (N, 4, C/8) and IoU (N, 4) → the three multimask candidates, or the single
+    per token): hyper (N, 4, C/8) and IoU (N, 4) → the three multimask candidates (with ``best_only``
+    the best of them by predicted IoU), or the single
     mask alone, or, with SAM2's fall-back for an unstable single mask, the single mask and the best
     of the three by predicted IoU (the only one the fall-back can pick)."""
+    best = iou[:, 1:].argmax(1, keepdim=True) + 1  # (N, 1): the best multimask candidate
     if multimask_output:
-        return hyper[:, 1:], iou[:, 1:]
+        return (_pick(hyper, best), _pick(iou, best)) if best_only else (hyper[:, 1:], iou[:, 1:])
     if not decoder.dynamic_multimask_via_stability:
         return hyper[:, :1], iou[:, :1]
-    pick = torch.stack([torch.zeros_like(iou[:, 0], dtype=torch.long), iou[:, 1:].argmax(1) + 1], 1)  # (N, 2)
-    return hyper.gather(1, pick[..., None].expand(-1, -1, hyper.shape[2])), iou.gather(1, pick)
+    pick = torch.cat([torch.zeros_like(best), best], 1)  # (N, 2)
+    return _pick(hyper, pick), _pick(iou, pick)

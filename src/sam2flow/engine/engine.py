@@ -235,7 +235,9 @@ class Sam2Engine:
         self._decoder = self.model.mask_decoder
         if self.decoder_dtype != torch.float32:
             self._decoder = copy.deepcopy(self.model.mask_decoder).to(self.decoder_dtype)
-        self._decoder_pe = self._image_pe.to(self.decoder_dtype)
+        # The positional encoding as image-token rows (contiguous: added to the image tokens in every
+        # block, and a sum with a transposed operand costs ~6x one with rows in bf16).
+        self._decoder_pos = image_rows(self._image_pe[0], self.decoder_dtype)
 
     def _make_encoder(
         self, fingerprint: str, compile: bool, quantize: str, calibration: list[np.ndarray], calibration_id: str
@@ -449,7 +451,7 @@ class Sam2Engine:
         return self._on_compute(True, self._decode_low_res, emb, prompts, multimask_output)
 
     def _decode_low_res(
-        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool
+        self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, best_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         coords, labels = [], []
         if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
@@ -489,11 +491,13 @@ class Sam2Engine:
             low_res, iou = decode(
                 tokens,
                 prompted_image(rows, self.model.prompt_encoder, mask),
-                self._decoder_pe,
+                self._decoder_pos,
+                self._image_pe.shape[-2:],
                 sparse.to(tokens.iou_token.weight.dtype),
                 tuple(operands),
                 multimask_output,
                 self.decode_chunk,
+                best_only,
             )
             return low_res.float(), iou.float()
 
@@ -505,7 +509,7 @@ class Sam2Engine:
     def _decode_now(
         self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, cleanup: tuple[int, int]
     ) -> Prediction:
-        low_res, iou = self._decode_low_res(emb, prompts, multimask_output)
+        low_res, iou = self._decode_low_res(emb, prompts, multimask_output, best_only=True)
         with torch.inference_mode():
             best = iou.argmax(dim=1)
             rows = torch.arange(low_res.shape[0], device=low_res.device)
