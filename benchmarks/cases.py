@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -592,6 +594,7 @@ def case_click(ctx: Context) -> list[dict]:
     import requests
     from PIL import Image
 
+    from sam2flow.server.ready import wait_ready
     from sam2flow.server.settings import ServerSettings
 
     s = ctx.settings
@@ -603,6 +606,7 @@ def case_click(ctx: Context) -> list[dict]:
     png = base64.b64encode(buf.getvalue()).decode()
     http = requests.Session()
     servers: list[subprocess.Popen] = []
+    logs = Path(tempfile.mkdtemp(prefix="sam2flow-bench-click-"))
 
     def start(dtype: str, spin_ms: float = 0) -> tuple[str, str]:
         """``sam2flow serve`` in ``dtype`` on a free port, the scene embedded: (url, image_id).
@@ -614,22 +618,12 @@ def case_click(ctx: Context) -> list[dict]:
         command += ["--checkpoint", str(ctx.ckpt.path), "--preload", ctx.size, "--family", ctx.ckpt.family]
         command += ["--device", str(ctx.device), "--dtype", dtype, "--click-spin-ms", str(spin_ms)]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # --threads: both sides
-        log = tempfile.TemporaryFile()
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log = logs / f"server-{len(servers)}.log"
+        with open(log, "wb") as out:
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         servers.append(server)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                tail = log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"the benchmark server did not start: {tail}")
-            try:
-                if http.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, 900, server, log, name="the benchmark server")
         body = {"image": {"type": "base64", "value": png}, "sam2_version_id": ctx.size}
         r = http.post(f"{url}/sam2/embed_image", timeout=600, json=body)
         r.raise_for_status()
@@ -723,6 +717,7 @@ def case_click(ctx: Context) -> list[dict]:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+        shutil.rmtree(logs, ignore_errors=True)
     return rows(
         ctx,
         "800x600, 1-5 points + mask, HTTP",

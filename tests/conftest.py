@@ -12,15 +12,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from sam2flow.formats import mask_iou  # noqa: F401  (the tests import it from here)
 from sam2flow.models.registry import ModelSpec, get_spec
+from sam2flow.server.ready import wait_ready
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,18 +186,12 @@ def start_server(checkpoint, log, env: dict | None = None):
             env=env,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return url, proc
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"server never became ready: {log.read_text()[-2000:]}")
+    try:
+        wait_ready(url, 180, proc, log)
+    except ValueError as e:
+        stop_server(proc)
+        pytest.fail(str(e))
+    return url, proc
 
 
 def stop_server(proc) -> None:

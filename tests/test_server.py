@@ -367,3 +367,31 @@ def test_mask_cleanup_options_reach_the_engine(server, tiny_engine):
     for got, exp in zip(preds, expected):
         for key in ("x", "y", "width", "height", "confidence", "points"):
             assert got[key] == pytest.approx(exp[key], abs=1e-4), key
+
+
+def test_wait_ready_reports_why_a_server_never_became_ready(tmp_path):
+    """``wait_ready`` (the Ray launcher's, the tests' and the benchmarks' one way to wait for a server)
+    names the failure: a checkpoint that is not one, and a port nobody answers on."""
+    import subprocess
+    import sys
+
+    from sam2flow.server.ready import wait_ready
+
+    from conftest import free_port, stop_server
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    log, port = tmp_path / "server.log", free_port()
+    command = [sys.executable, "-m", "sam2flow", "serve", "--port", str(port), "--preload", "hiera_tiny"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*command, "--checkpoint", str(bad), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        with pytest.raises(ValueError, match="could not load its model|exited with code") as failure:
+            wait_ready(f"http://127.0.0.1:{port}", 120, proc, log, name="the test server")
+        assert "the test server" in str(failure.value) and "bad.pt" in str(failure.value)
+    finally:
+        stop_server(proc)
+    with pytest.raises(ValueError, match="not ready after 1 s"):
+        wait_ready(f"http://127.0.0.1:{free_port()}", 1)

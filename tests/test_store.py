@@ -266,6 +266,7 @@ def test_read_only_server_first_click_on_a_stored_image_runs_no_encoder(engine, 
     import uvicorn
 
     from sam2flow.server.app import create_app
+    from sam2flow.server.ready import wait_ready
     from sam2flow.server.settings import ServerSettings
 
     store = stored_copy(tmp_path, engine, fresh[:1])
@@ -282,10 +283,7 @@ def test_read_only_server_first_click_on_a_stored_image_runs_no_encoder(engine, 
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        while not server.started:
-            thread.join(0.05)
-        while requests.get(f"{url}/readyz", timeout=60).status_code != 200:
-            thread.join(0.2)
+        wait_ready(url, 120)
         served = app.state.sam2flow.pool.get("hiera_tiny")
         assert served.store.root == store.root and not served.store.writable
         body = {"image": {"type": "base64", "value": _png(SCENES[0].image)}, "prompts": [_click(SCENES[0])]}

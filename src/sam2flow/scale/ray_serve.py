@@ -24,9 +24,9 @@ import sys
 import time
 
 import numpy as np
-import requests
 
 from ..engine.types import ImageEmbedding
+from ..server import ready as server_ready
 from ..server.batching import Engine, embed_each
 from ..server.settings import ServerSettings
 from .ray_common import ray_cluster, require_ray
@@ -207,22 +207,9 @@ def app_builder(args: dict):
 
 
 def wait_ready(url: str, timeout_s: float = 600) -> None:
-    """Block until ``url``/readyz answers 200 (the preloaded models are in); ``ValueError`` if a
-    model fails to load or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            response = requests.get(f"{url}/readyz", timeout=5)
-            if response.status_code == 200:
-                return
-            if response.headers.get("content-type", "").startswith("application/json"):
-                error = response.json().get("error")
-                if error:
-                    raise ValueError(f"a replica could not load its model: {error}")
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise ValueError(f"the Ray Serve app at {url} was not ready after {timeout_s:.0f} s")
+    """Block until the Ray Serve app at ``url`` is ready (the replicas' preloaded models are in);
+    ``ValueError`` if a model fails to load or the time runs out."""
+    server_ready.wait_ready(url, timeout_s, name="the Ray Serve app (a replica)")
 
 
 def _stop(signum, frame):
