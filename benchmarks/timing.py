@@ -40,7 +40,10 @@ def measure(
 
     Rounds interleave the competitors (A B C, then C B A, ...), so a slow spell of a shared
     machine hits all of them alike instead of one; a garbage collection runs before each timed
-    call, outside the timing.
+    call, outside the timing. What exists before the timed rounds (models, libraries: ~475,000
+    objects with both sides loaded) is frozen out of those collections: a full one took ~165 ms,
+    during which a server measured over HTTP sat idle, which slows its next answer
+    (``sam2flow/engine/threads.py``).
     """
     names = list(fns)
     last: dict[str, Any] = {}
@@ -49,14 +52,19 @@ def measure(
             last[name] = fns[name]()
             sync()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            last.pop(name, None)  # free the previous output before the next run allocates its own
-            gc.collect()
-            sync()
-            t0 = time.perf_counter()
-            out = fns[name]()
-            sync()
-            samples[name].append(time.perf_counter() - t0)
-            last[name] = out
+    gc.collect()
+    gc.freeze()
+    try:
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                last.pop(name, None)  # free the previous output before the next run allocates its own
+                gc.collect()
+                sync()
+                t0 = time.perf_counter()
+                out = fns[name]()
+                sync()
+                samples[name].append(time.perf_counter() - t0)
+                last[name] = out
+    finally:
+        gc.unfreeze()
     return Measured(samples, last)
