@@ -299,9 +299,9 @@ def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _candidates(decoder, hyper: torch.Tensor, iou: torch.Tensor, multimask_output: bool, best_only: bool):
     """The mask tokens worth upscaling (upscaling is the costly part: a product over 16·L pixels
     per token): hyper (N, 4, C/8) and IoU (N, 4) → the three multimask candidates (with ``best_only``
-    the best of them by predicted IoU), or the single
-    mask alone, or, with SAM2's fall-back for an unstable single mask, the single mask and the best
-    of the three by predicted IoU (the only one the fall-back can pick)."""
+    the best of them by predicted IoU), or the single mask alone, or, with SAM2's fall-back for an
+    unstable single mask, the single mask and the best of the three by predicted IoU (the only one
+    the fall-back can pick)."""
     best = iou[:, 1:].argmax(1, keepdim=True) + 1  # (N, 1): the best multimask candidate
     if multimask_output:
         return (_pick(hyper, best), _pick(iou, best)) if best_only else (hyper[:, 1:], iou[:, 1:])
