@@ -315,6 +315,27 @@ def test_api_key_is_required(server):
     assert requests.get(f"{server}/healthz").status_code == 200
 
 
+def _request_count(server: str, route: str, status: int) -> float:
+    """``sam2flow_requests_total`` for ``route`` and ``status`` on the live server's ``/metrics``."""
+    label = f'sam2flow_requests_total{{route="{route}",status="{status}"}}'
+    text = requests.get(f"{server}/metrics", timeout=60).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(label + " "))
+
+
+def test_metrics_count_each_request_by_route_and_status(server):
+    """The metrics middleware (pure ASGI) sees every answer's status, refusals included."""
+    route = "/sam2/segment_image"
+    before = {status: _request_count(server, route, status) for status in (200, 400, 401)}
+    assert post(server, route, GOOD).status_code == 200
+    for _ in range(2):
+        assert post(server, route, {**GOOD, "image_id": "nope", "image": None}).status_code == 400
+    assert post(server, route, GOOD, key="wrong").status_code == 401
+    after = {status: _request_count(server, route, status) for status in (200, 400, 401)}
+    assert {s: after[s] - before[s] for s in after} == {200: 1, 400: 2, 401: 1}
+    text = requests.get(f"{server}/metrics", timeout=60).text
+    assert f'sam2flow_request_seconds_count{{route="{route}"}}' in text
+
+
 def test_partly_outside_box_is_clipped(server, tiny_engine):
     body = {**GOOD, "format": "rle", "prompts": [{"box": {"x": 300, "y": 220, "width": 100, "height": 80}}]}
     r = post(server, "/sam2/segment_image", body)

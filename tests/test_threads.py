@@ -175,6 +175,30 @@ def test_an_interactive_engine_does_all_its_torch_work_on_one_thread(tiny_checkp
     assert ran_on == {compute_thread()._thread.ident}
 
 
+def test_submit_click_runs_on_the_compute_thread_and_its_future_hands_back_the_answer(tiny_checkpoint):
+    """What a server's event loop awaits (``asyncio.wrap_future``) with no worker thread between."""
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+    plain = Sam2Engine.from_pretrained("hiera_tiny", **kw)
+    engine = Sam2Engine.from_pretrained("hiera_tiny", **kw, interactive=True)
+    image, prompt = random_image(120, 160, seed=64), [Prompt(points=[[80, 60]], labels=[1])]
+    emb = engine.embed([image])[0]
+
+    def click():
+        return threading.current_thread().name, engine.predict_prompts(emb, prompt)
+
+    name, answer = engine.submit_click(click).result(GUARD_S)
+    assert name == compute_thread()._thread.name
+    want = plain.predict_prompts(plain.embed([image])[0], prompt)
+    np.testing.assert_array_equal(answer.masks, want.masks)
+    with pytest.raises(ValueError, match="bad prompt"):
+        engine.submit_click(_raise, ValueError("bad prompt")).result(GUARD_S)
+    # a non-interactive engine runs it in its caller and hands back a finished future
+    done = plain.submit_click(lambda: threading.current_thread().name)
+    assert done.done() and done.result() == threading.current_thread().name
+    with pytest.raises(ValueError, match="bad prompt"):
+        plain.submit_click(_raise, ValueError("bad prompt")).result()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_click_queued_during_an_embed_runs_at_the_encoders_next_pause(tiny_checkpoint, dtype):
     """The compute thread is busy embedding when a click arrives: the click runs at the encoder's next

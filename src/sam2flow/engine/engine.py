@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TypeVar
 
 import numpy as np
@@ -309,6 +310,20 @@ class Sam2Engine:
             return cls(model, spec, **kwargs)
 
         return compute_thread().call(build) if kwargs.get("interactive") else build()
+
+    def submit_click(self, fn: Callable[..., R], *args) -> Future:
+        """``fn(*args)`` as a click: on an interactive engine's compute thread, ahead of embedding work
+        (its calls to this engine then run in place); its future. A non-interactive engine runs it
+        here and returns it done. For a server's event loop, which awaits the future without a
+        worker thread."""
+        if self._compute is not None:
+            return self._compute.submit(fn, *args, urgent=True)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # handed to the awaiting caller
+            future.set_exception(e)
+        return future
 
     def _on_compute(self, urgent: bool, fn: Callable[..., R], *args) -> R:
         """``fn(*args)`` on the compute thread for an interactive engine (``urgent``: a click), else here."""

@@ -107,6 +107,11 @@ class EnginePool:
                     self._engines.popitem(last=False)
             return engine
 
+    def loaded(self, version: str) -> Sam2Engine | None:
+        """The engine for ``version`` if it is resident now, else None; never loads (an event loop may call it)."""
+        with self._lock:
+            return self._engines.get(version)
+
     @property
     def resident(self) -> list[str]:
         with self._lock:

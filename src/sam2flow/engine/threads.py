@@ -85,11 +85,16 @@ class ComputeThread:
             if urgent:
                 self.run_urgent()
             return fn(*args)
+        return self.submit(fn, *args, urgent=urgent).result()
+
+    def submit(self, fn: Callable[..., R], *args: Any, urgent: bool = False) -> Future:
+        """Queue ``fn(*args)`` for this thread; its future. An event loop awaits it with
+        ``asyncio.wrap_future`` and no worker thread in between (each hop is a thread to wake)."""
         future: Future = Future()
         with self._cv:
             (self._urgent if urgent else self._normal).append((future, fn, args))
             self._cv.notify()
-        return future.result()
+        return future
 
     def run_urgent(self) -> int:
         """On this thread: run the urgent jobs queued now (and any queued meanwhile); how many ran."""

@@ -91,6 +91,11 @@ class ServerState:
             return engine
         return self.pool.get(version)
 
+    async def engine_async(self, version: str) -> Sam2Engine:
+        """``engine`` for a request handler: a resident engine at once, a load on a worker thread."""
+        engine = self.pool.loaded(version)
+        return engine if engine is not None else await run_in_threadpool(self.engine, version)
+
     def preload(self) -> None:
         try:
             for version in self.settings.preload:
@@ -162,6 +167,34 @@ class BodyLimit:
             await _error(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
 
 
+class Observe:
+    """Pure ASGI middleware: count each HTTP request by route and status, and time it.
+
+    Pure ASGI, not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs the rest of
+    the app in a task group and hands the response over a memory stream, per request."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts
+
+        async def watched(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -227,15 +260,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     )
     app.state.sam2flow = state
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state.metrics.requests.labels(path, str(response.status_code)).inc()
-        state.metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, metrics=state.metrics)
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(request, exc):
@@ -305,7 +330,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         }
 
     async def embedding_for(version: str, image_ref, image_id: str | None) -> tuple[Sam2Engine, ImageEmbedding]:
-        engine = await run_in_threadpool(state.engine, version)
+        engine = await state.engine_async(version)
         if image_ref is None:
             cached = state.by_id.get((version, image_id)) if image_id else None
             if cached is None:
@@ -341,8 +366,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             key = (body.sam2_version_id, emb.key)
             if body.load_logits_from_cache:
                 prompts = _with_cached_logits(prompts, state.logits.get(key))
-            result = await run_in_threadpool(
-                engine.predict_prompts, emb, prompts, body.multimask_output, body.max_hole_area, body.max_sprinkle_area
+            result = await asyncio.wrap_future(
+                engine.submit_click(
+                    engine.predict_prompts,
+                    emb,
+                    prompts,
+                    body.multimask_output,
+                    body.max_hole_area,
+                    body.max_sprinkle_area,
+                )
             )
             masks, scores, logits = result.masks, result.scores, result.low_res_logits
             if body.save_logits_to_cache:

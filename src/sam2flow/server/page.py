@@ -192,7 +192,7 @@ def page_router(state, authorize: Callable[[Request, str | None], None]) -> APIR
         start = time.perf_counter()
         if body.box is None and not body.points:
             raise ValueError("a prompt needs a box or at least one point")
-        engine = await run_in_threadpool(state.engine, body.sam2_version_id)
+        engine = await state.engine_async(body.sam2_version_id)
         emb = state.by_id.get((body.sam2_version_id, body.image_id))
         if emb is None:
             raise ValueError("no cached embedding for that image_id: embed the image first")
@@ -209,7 +209,7 @@ def page_router(state, authorize: Callable[[Request, str | None], None]) -> APIR
             box = [float(x), float(y), float(x + w), float(y + h)] if w > 0 else None
             return {"rle": rle, "box": box, "score": float(result.scores[0]), "refined": previous is not None}
 
-        answer = await run_in_threadpool(run)
+        answer = await asyncio.wrap_future(engine.submit_click(run))  # on the compute thread: no worker hop
         return {**answer, "time": time.perf_counter() - start}
 
     @router.post("/page/export")
@@ -249,7 +249,7 @@ def page_router(state, authorize: Callable[[Request, str | None], None]) -> APIR
         if path is None:
             return _not_found()
         start = time.perf_counter()
-        engine = await run_in_threadpool(state.engine, body.sam2_version_id)
+        engine = await state.engine_async(body.sam2_version_id)
         image = await run_in_threadpool(read_image_file, path, body.name, settings.image_limits())
         emb = await asyncio.wrap_future(state.batcher.submit(engine, image))
         image_id = emb.key.split("|")[-1]
