@@ -198,6 +198,25 @@ def test_quantize_choice(tiny_checkpoint, tmp_path):
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "calibrates on images" in run.stderr, run.stderr
 
 
+def test_int8_weights_are_checked_against_the_float_encoder(ov_engine, tmp_path, monkeypatch):
+    """The quantised IR's image embedding is compared with the float IR's on the check image (NNCF
+    compresses in place: comparing after it compared the int8 model with itself), and refused over the
+    tolerance."""
+    pytest.importorskip("nncf")
+    from sam2flow.engine import openvino_encoder as ove
+
+    source = ov_engine.encoder.directory
+    layout = ove.Layout.whole(ov_engine.model.vision_encoder.backbone)
+    check = ove._check_pixels(ov_engine.input_size)
+    err = ove._quantize(source, tmp_path / "kept", layout, "int8-weights", [], check)
+    assert 1e-3 < err < ove.QUANT_TOLERANCE["int8-weights"], err
+    assert (tmp_path / "kept" / "piece0.xml").exists()
+    monkeypatch.setitem(ove.QUANT_TOLERANCE, "int8-weights", err / 2)
+    with pytest.raises(ove.QuantizeError, match="differs from float32's"):
+        ove._quantize(source, tmp_path / "refused", layout, "int8-weights", [], check)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_compile_is_a_torch_option(tiny_checkpoint):
     with pytest.raises(ValueError, match="compile=True compiles the torch encoder"):
         Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino", compile=True)
