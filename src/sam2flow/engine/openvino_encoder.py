@@ -78,6 +78,7 @@ def _compile_config(hint: str, quantize: str) -> dict:
         config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = DYNAMIC_QUANTIZATION_GROUP
     return config
 
+
 log = logging.getLogger(__name__)
 
 
