@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -334,6 +337,22 @@ def test_metrics_count_each_request_by_route_and_status(server):
     assert {s: after[s] - before[s] for s in after} == {200: 1, 400: 2, 401: 1}
     text = requests.get(f"{server}/metrics", timeout=60).text
     assert f'sam2flow_request_seconds_count{{route="{route}"}}' in text
+
+
+def test_a_loaded_model_is_frozen_out_of_the_garbage_collector(tiny_checkpoint):
+    """A full collection walks every tracked object (~180 ms with hiera_tiny loaded, the GIL held,
+    a click waiting); the server freezes what exists once a model has loaded."""
+    code = (
+        "import gc, json; from sam2flow.server.app import create_app; "
+        "from sam2flow.server.settings import ServerSettings; "
+        f"app = create_app(ServerSettings(checkpoint={str(tiny_checkpoint)!r}, preload=['hiera_tiny'])); "
+        "before = gc.get_freeze_count(); app.state.sam2flow.preload(); assert app.state.sam2flow.ready.is_set(); "
+        "print(json.dumps([before, gc.get_freeze_count(), len(gc.get_objects())]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, frozen, tracked = json.loads(done.stdout.splitlines()[-1])
+    assert before == 0 and frozen > 100_000 and tracked < frozen / 20, (before, frozen, tracked)
 
 
 def test_partly_outside_box_is_clipped(server, tiny_engine):

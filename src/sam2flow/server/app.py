@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import io
 import threading
@@ -88,6 +89,7 @@ class ServerState:
             start = time.perf_counter()
             engine = self.pool.get(version)
             self.metrics.model_load.labels(version).set(time.perf_counter() - start)
+            freeze_heap()
             return engine
         return self.pool.get(version)
 
@@ -108,6 +110,18 @@ class ServerState:
     def get(self, version: str) -> BatchedEngine:
         """For the workflow runner (an ``EngineProvider``): engines whose embedding goes through the batcher."""
         return BatchedEngine(self.engine(version), self.batcher)
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (libraries, models) out of the garbage collector's sight.
+
+    Python's full collection walks every tracked object: in a server with hiera_tiny loaded,
+    ~486,000 of them, 180 ms during which the GIL is held and a click waits. It runs when enough
+    objects have survived since the last one, so a long labelling session meets it. Frozen
+    (``gc.freeze``) after a model loads, they are never walked again: a full collection then took
+    0.01 ms. Garbage made before the freeze is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 def _error(status: int, message: str) -> JSONResponse:
