@@ -355,6 +355,28 @@ def test_a_loaded_model_is_frozen_out_of_the_garbage_collector(tiny_checkpoint):
     assert before == 0 and frozen > 100_000 and tracked < frozen / 20, (before, frozen, tracked)
 
 
+def test_freezing_the_heap_again_frees_what_became_garbage_since():
+    """An evicted engine is cyclic garbage inside the frozen heap: the next model load must free it."""
+    import gc
+    import weakref
+
+    from sam2flow.server.app import freeze_heap
+
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a reference cycle: only the cyclic collector frees it
+    alive = weakref.ref(node)
+    try:
+        freeze_heap()
+        del node
+        freeze_heap()
+        assert alive() is None, "garbage made before the last freeze stayed frozen"
+    finally:
+        gc.unfreeze()
+
+
 def test_partly_outside_box_is_clipped(server, tiny_engine):
     body = {**GOOD, "format": "rle", "prompts": [{"box": {"x": 300, "y": 220, "width": 100, "height": 80}}]}
     r = post(server, "/sam2/segment_image", body)
