@@ -42,3 +42,16 @@ def test_bad_pool_arguments():
         EnginePool(checkpoints={"hiera_huge": "x.pt"})
     with pytest.raises(ValueError, match="family"):
         EnginePool(family="sam3")
+
+
+def test_loaded_finds_a_resident_engine_without_loading_and_marks_it_used(make_checkpoint, monkeypatch):
+    """What a server's event loop calls: no load ever, and a model in use is not the one evicted."""
+    checkpoints = {"hiera_tiny": str(make_checkpoint("hiera_tiny")), "hiera_small": str(make_checkpoint("hiera_small"))}
+    pool = EnginePool(device="cpu", checkpoints=checkpoints, max_resident=2)
+    assert pool.loaded("hiera_tiny") is None and pool.resident == []
+    tiny = pool.get("hiera_tiny")
+    pool.get("hiera_small")
+    assert pool.resident == ["hiera_tiny", "hiera_small"]  # least recently used first
+    assert pool.loaded("hiera_tiny") is tiny
+    assert pool.resident == ["hiera_small", "hiera_tiny"]
+    assert pool.loaded("hiera_b_plus") is None and len(pool.resident) == 2

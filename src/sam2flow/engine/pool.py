@@ -108,9 +108,13 @@ class EnginePool:
             return engine
 
     def loaded(self, version: str) -> Sam2Engine | None:
-        """The engine for ``version`` if it is resident now, else None; never loads (an event loop may call it)."""
+        """The engine for ``version`` if it is resident now (marked as just used, as ``get`` does), else
+        None; never loads, so an event loop may call it."""
         with self._lock:
-            return self._engines.get(version)
+            engine = self._engines.get(version)
+            if engine is not None:
+                self._engines.move_to_end(version)
+            return engine
 
     @property
     def resident(self) -> list[str]:
