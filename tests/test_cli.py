@@ -63,8 +63,10 @@ def test_boxes_rle_and_annotation(tiny_checkpoint, image_file, expected, tmp_pat
     assert len({p["detection_id"] for p in preds}) == 2
     for i, p in enumerate(preds):
         assert p["rle"]["size"] == [333, 517]
-        assert np.array_equal(rle_to_mask(p["rle"]), want.masks[i])
-        assert p["confidence"] == pytest.approx(float(want.scores[i]), abs=1e-5)
+        # dtype "auto" is bf16 on a CPU with AMX: two processes' kernels may round a few edge pixels
+        # apart (one CI run of many: oneDNN/MKL results can depend on memory alignment), so not bit for bit
+        assert mask_iou(rle_to_mask(p["rle"]), want.masks[i]) >= 0.995
+        assert p["confidence"] == pytest.approx(float(want.scores[i]), abs=2e-3)
         ys, xs = np.nonzero(want.masks[i])
         assert p["x"] == pytest.approx((xs.min() + xs.max()) / 2, abs=1)
     annotated = np.asarray(Image.open(png))
