@@ -402,7 +402,7 @@ class OpenVINOEncoder:
         # on some CPUs (seen on a Xeon with AMX): a bf16 compile then loaded the f32 blob and returned NaN.
         hint = _PRECISION_HINT[dtype]
         config = _compile_config(hint, quantize)
-        dq = config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE")  # nor, perhaps, this: a folder of its own too
+        dq = config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE")  # a cache key may leave it out too: its own folder
         core.set_property({"CACHE_DIR": str(root / "compiled" / (f"{hint}-dq{dq}" if dq else hint))})
         try:
             compiled = [

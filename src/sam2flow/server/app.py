@@ -85,13 +85,13 @@ class ServerState:
 
     def engine(self, version: str) -> Sam2Engine:
         get_spec(version, self.settings.family)  # unknown version → 400 before anything loads
-        if version not in self.pool.resident:
+        engine = self.pool.loaded(version)
+        if engine is None:
             start = time.perf_counter()
             engine = self.pool.get(version)
             self.metrics.model_load.labels(version).set(time.perf_counter() - start)
             freeze_heap()
-            return engine
-        return self.pool.get(version)
+        return engine
 
     async def engine_async(self, version: str) -> Sam2Engine:
         """``engine`` for a request handler: a resident engine at once, a load on a worker thread."""
