@@ -23,6 +23,7 @@ import numpy as np
 import supervision as sv
 import torch
 
+from sam2flow.engine.threads import CLICK_SPIN_S
 from sam2flow.formats import mask_iou
 
 from . import data
@@ -571,6 +572,8 @@ def _click_breakdown(engine, emb, points: np.ndarray, labels: np.ndarray, prev: 
 
 
 PACED_CLICKS = 60  # per server in the click case's annotator-pace series
+CLICK_BLOCK = 25  # clicks of one side in a row in the click case (``measure``'s ``block``)
+CLICK_SETTLE_S = CLICK_SPIN_S + 0.2  # before each block: the servers' polling and OpenMP spinning have stopped
 
 
 def case_click(ctx: Context) -> list[dict]:
@@ -581,12 +584,16 @@ def case_click(ctx: Context) -> list[dict]:
     in the notes. Where bf16 is native, a second server in bfloat16 (what ``dtype=auto`` runs there:
     encoder and decoder) against the reference under ``torch.autocast``.
 
-    The server runs as users run it, one process of its own: inside this process its compute thread
+    The server runs as users run it, one process of its own (inside this process its compute thread
     would be one more OpenMP team beside the reference's and the other server's, and libgomp stops
-    spinning idle helpers when a process has more of them than cores (``engine/threads.py``), which
-    measured ~10 ms a click more on 2 cores. Beside the reference the servers run with
-    ``--click-spin-ms 0`` (their polling would take a core from it); the notes add an annotator's pace,
-    ours alone: one click every 250 ms, against a server with the default polling and one without."""
+    spinning idle helpers when a process has more of them than cores: ``engine/threads.py``; that
+    measured ~10 ms a click more on 2 cores), with its default ``--click-spin-ms``. Each side clicks
+    ``CLICK_BLOCK`` times in a row, the sides taking turns, with a pause before each turn long enough
+    for the server's polling and the reference's OpenMP spinning to stop: click by click, each side
+    met the other's spinning helpers on one of the two cores (session 17: our bf16 p50/p99 20.8/38.0
+    ms that way, 4 clicks of 50 at 30-40 ms). The notes add an annotator's pace, ours alone: one
+    click every 250 ms, against a server with the default polling and one without.
+    """
     import base64
     import io
     import tempfile
@@ -608,11 +615,9 @@ def case_click(ctx: Context) -> list[dict]:
     servers: list[subprocess.Popen] = []
     logs = Path(tempfile.mkdtemp(prefix="sam2flow-bench-click-"))
 
-    def start(dtype: str, spin_ms: float = 0) -> tuple[str, str]:
+    def start(dtype: str, spin_ms: float = ServerSettings().click_spin_ms) -> tuple[str, str]:
         """``sam2flow serve`` in ``dtype`` on a free port, the scene embedded: (url, image_id).
-
-        ``spin_ms``: the server's ``--click-spin-ms``. 0 where it runs beside the reference: polling
-        between clicks would take a core from the reference's clicks."""
+        ``spin_ms``: the server's ``--click-spin-ms``."""
         port = _free_port()
         command = [sys.executable, "-m", "sam2flow", "serve", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--checkpoint", str(ctx.ckpt.path), "--preload", ctx.size, "--family", ctx.ckpt.family]
@@ -690,14 +695,14 @@ def case_click(ctx: Context) -> list[dict]:
         with torch.inference_mode():
             ctx.predictor.set_image(sc.image)
         ctx.log(f"click: 800x600, 1-5 points + previous mask, {s.click_warmup} warm-up + {s.click_repeats} clicks")
-        m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync)
+        m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync, block=CLICK_BLOCK, settle_s=CLICK_SETTLE_S)
         pts, labels = sequences[0]
         extra = {}
         for variant, engine, dtype in ((OURS, ctx.ours, "float32"), (OURS_BF16, ctx.ours_bf16, "bfloat16")):
             if variant in m.samples:
                 ctx.log(f"click: {dtype} at an annotator's pace, {PACED_CLICKS} clicks 250 ms apart, polling on/off")
-                spinning = start(dtype, ServerSettings().click_spin_ms)
-                paced_on, paced_off = paced(ours(*spinning)), paced(ours(*started[dtype]))
+                idle = start(dtype, spin_ms=0)
+                paced_on, paced_off = paced(ours(*started[dtype])), paced(ours(*idle))
                 emb = engine.embed([sc.image])[0]
                 prev = engine.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
                 extra[variant] = dict(
