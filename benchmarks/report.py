@@ -286,11 +286,12 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "one more point, the previous prompt's low-res logits as mask input): ours through `sam2flow serve` in a "
         "process of its own, over HTTP on loopback (`POST /page/decode`: RLE, box and score back), vs "
         "`predictor.predict(point_coords, point_labels, mask_input=...)` in the benchmark's process; "
-        "p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes. Beside the reference the "
-        "servers run with `--click-spin-ms 0` (their polling between clicks would take a core from it); the notes "
-        "add an annotator's pace, ours alone: one click every 250 ms to a server as it comes and to one with "
-        "`--click-spin-ms 0`. Where bf16 is native, the bf16 row is a server in bfloat16 (what `dtype=auto` runs "
-        "there, encoder and decoder) against the reference under `torch.autocast`.",
+        "p50/p90/p99 and our decoder / upsampling / RLE / JSON times in the notes. The servers run as they come; "
+        "each side clicks 25 times in a row, the sides taking turns after a pause in which the servers' polling "
+        "and the reference's OpenMP spinning stop (click by click, each met the other's on one of the cores). "
+        "The notes add an annotator's pace, ours alone: one click every 250 ms to a server as it comes and to "
+        "one with `--click-spin-ms 0`. Where bf16 is native, the bf16 row is a server in bfloat16 (what "
+        "`dtype=auto` runs there, encoder and decoder) against the reference under `torch.autocast`.",
         "7. **store**: milliseconds for the first click on an 800×600 scene with nothing of it in memory: ours with "
         "its embedding in an `EmbeddingStore` (`sam2flow embed`; the file read, checked and widened from float16, "
         "then one decode) vs the reference's `set_image` + `predict` (it encodes every new image); our own first "
