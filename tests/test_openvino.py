@@ -158,6 +158,39 @@ def test_backend_choice(monkeypatch):
         resolve_backend("openvino", torch.device("cuda"))
 
 
+def test_an_int8_encoder_that_will_not_compile_falls_back_to_float_openvino(
+    ov_engine, tiny_checkpoint, monkeypatch, caplog
+):
+    """int8 weights are what ``quantize="auto"`` runs on a CPU without native bf16. Where the CPU plugin
+    cannot compile them (seen with oneDNN capped to AVX2 on an AVX-512 CPU: no inner-product primitive for
+    the dynamically quantised layers), the engine runs the float encoder on OpenVINO, not torch, and says
+    so in one line."""
+    pytest.importorskip("nncf")
+    import openvino
+
+    from sam2flow.engine import precision
+
+    real = openvino.Core.compile_model
+
+    def compile_model(self, model, device_name=None, config=None):
+        if config and "DYNAMIC_QUANTIZATION_GROUP_SIZE" in config:
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n\ncould not create a primitive")
+        return real(self, model, device_name, config)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", compile_model)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no bf16: auto is float32
+    with caplog.at_level(logging.WARNING, logger="sam2flow.engine.engine"):
+        engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino")
+    monkeypatch.undo()
+    assert (engine.backend, engine.quantize, engine.dtype) == ("openvino", "none", torch.float32)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sam2flow.engine.engine"]
+    assert len(lines) == 1 and "running the float encoder instead" in lines[0], lines
+    assert "could not create a primitive" in lines[0] and "\n" not in lines[0]
+    image = random_image(96, 128, seed=44)
+    boxes = np.array([[10, 10, 90, 80]], np.float32)
+    np.testing.assert_array_equal(engine.segment(image, boxes).masks, ov_engine.segment(image, boxes).masks)
+
+
 def test_quantize_choice(tiny_checkpoint, tmp_path):
     """``auto`` quantises the weights only where ``dtype="auto"`` means float32 on OpenVINO (a CPU without
     native bf16) for batch work; int8 activations need calibration images; bad combinations say why."""

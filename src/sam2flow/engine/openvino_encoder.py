@@ -90,6 +90,11 @@ class QuantizeError(OpenVINOError):
     """The float encoder is fine, but its int8 version could not be made or failed its check."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (OpenVINO's span several, with blank ones between)."""
+    return " ".join(str(error).split())
+
+
 def cache_root() -> Path:
     """``$SAM2FLOW_CACHE_DIR`` or ``~/.cache/sam2flow``."""
     root = os.environ.get(CACHE_ENV)
@@ -232,7 +237,7 @@ def _convert(side: ImageSide, layout: Layout, input_size: int, directory: Path) 
                 shapes = [ov.PartialShape(list(t.shape)) for t in example]
                 models.append(ov.convert_model(mod, example_input=example, input=shapes))
         except Exception as e:  # the converter's own errors are of many types
-            raise OpenVINOError(f"OpenVINO could not convert piece {i} of the image encoder: {e}") from e
+            raise OpenVINOError(f"OpenVINO could not convert piece {i} of the image encoder: {one_line(e)}") from e
     check = [ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models]
     got = _infer_chain(check, layout)(pixels.numpy())
     for name, want, have in zip(("image_embed", "s0", "s1"), reference, got):
@@ -291,9 +296,14 @@ def _quantize(
                     q = nncf.quantize(m, data, subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER)
                     quantized.append(q)
             except Exception as e:  # NNCF's own errors are of many types
-                raise QuantizeError(f"NNCF could not quantise piece {i} of the image encoder ({mode}): {e}") from e
+                raise QuantizeError(
+                    f"NNCF could not quantise piece {i} of the image encoder ({mode}): {one_line(e)}"
+                ) from e
     config = _compile_config("f32", mode)  # as it will run, in float32 where it is not int8
-    have = _infer_chain([core.compile_model(m, "CPU", config) for m in quantized], layout)(check)[0]
+    try:
+        have = _infer_chain([core.compile_model(m, "CPU", config) for m in quantized], layout)(check)[0]
+    except Exception as e:  # the plugin's errors are plain RuntimeErrors
+        raise QuantizeError(f"OpenVINO could not compile the {mode} image encoder: {one_line(e)}") from e
     err = float(np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-12))
     if not err <= QUANT_TOLERANCE[mode]:
         raise QuantizeError(
@@ -409,8 +419,9 @@ class OpenVINOEncoder:
                 core.compile_model(str(directory / f"piece{i}.xml"), "CPU", config)
                 for i in range(len(layout.pieces) + 1)
             ]
-        except Exception as e:
-            raise OpenVINOError(f"OpenVINO could not compile the image encoder from {directory}: {e}") from e
+        except Exception as e:  # an int8 encoder that will not compile leaves the float one to try
+            error = OpenVINOError if quantize == "none" else QuantizeError
+            raise error(f"OpenVINO could not compile the image encoder from {directory}: {one_line(e)}") from e
         self.directory = directory
         self._run = _infer_chain(compiled, layout)
         if free_torch:  # the trunk and neck now live in OpenVINO: release the torch weights
