@@ -90,6 +90,9 @@ def load_average() -> list[float] | None:
         return None
 
 
+ISA_CAP_ENV = (*precision.ISA_CAP_ENV, "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "OV_CPU_MAX_ISA")
+
+
 def facts(devices: list[str]) -> dict:
     """CPU, cores, threads, library versions, GPUs: everything a reader needs to weigh the numbers."""
     info = _cpuinfo()
@@ -106,6 +109,10 @@ def facts(devices: list[str]) -> dict:
         # int8 dot products in hardware (what the int8 rows use): AVX512-VNNI, AVX-VNNI, AMX-INT8
         "cpu_int8_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
         "native_bf16": precision.native_bf16(torch.device("cpu")),
+        # instruction-set caps a run may set to stand in for an older CPU (oneDNN in torch and in OpenVINO's
+        # CPU plugin, MKL, torch's own kernels), and the level torch's kernels dispatch to
+        "isa_caps": {k: os.environ[k] for k in ISA_CAP_ENV if k in os.environ},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "memory_gib": memory_gib(),
         "load_average_at_start": load_average(),
         "os": platform.platform(),

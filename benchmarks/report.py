@@ -57,6 +57,10 @@ def notes(e: dict) -> str:
     if "paced_percentiles_ms" in e:
         on, off = _percentiles(e["paced_percentiles_ms"]), _percentiles(e["paced_no_spin_percentiles_ms"])
         parts.append(f"one click every 250 ms, ours alone: p50/p90/p99 {on} ms (click_spin_ms 0: {off})")
+    if "segment_image_percentiles_ms" in e:
+        parts.append(
+            f"/sam2/segment_image, ours alone: p50/p90/p99 {_percentiles(e['segment_image_percentiles_ms'])} ms"
+        )
     if "ours_new_image_ms" in e:
         parts.append(
             f"ours on a new image {fmt(e['ours_new_image_ms'])} ms (mask IoU stored vs new "
@@ -116,6 +120,8 @@ def machine_lines(machine: dict) -> list[str]:
         f"- bf16 in hardware: {'yes' if machine['native_bf16'] else 'no'} "
         f"(flags: {', '.join(machine['cpu_bf16_flags']) or 'none'}); int8 dot products: "
         f"{', '.join(machine.get('cpu_int8_flags', [])) or 'none'}; memory {machine['memory_gib']} GiB",
+        f"- Instruction sets used: torch kernels {machine.get('torch_cpu_capability')}; caps set: "
+        + (", ".join(f"{k}={val}" for k, val in machine.get("isa_caps", {}).items()) or "none"),
         f"- Load average at start / end: {machine.get('load_average_at_start')} / {machine.get('load_average_at_end')}",
         f"- Versions: python {machine['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- OS: {machine['os']}; MKL {machine['mkl']}, oneDNN {machine['mkldnn']}; "

@@ -78,6 +78,10 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     ]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert precision.resolve_dtype("auto", cpu) == want
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a bf16 CPU capped to stand in for an AVX2 one
+    assert precision.resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
+    assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
     assert precision.resolve_dtype("fp32", cpu) == torch.float32
     assert precision.resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
     assert precision.resolve_dtype("auto", torch.device("mps")) == torch.float32

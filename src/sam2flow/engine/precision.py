@@ -2,7 +2,8 @@
 
 ``dtype="auto"`` picks bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or
 AMX, GPUs that support it), float16 on other CUDA GPUs, and float32 elsewhere: bfloat16 emulated
-on a CPU without those instructions is about 100× slower than float32. The prompt decoder runs in
+on a CPU without those instructions is about 100× slower than float32 (a CPU whose oneDNN is capped below
+bf16 with ``ONEDNN_MAX_CPU_ISA``, to stand in for an older one, counts as without). The prompt decoder runs in
 bfloat16 with a bfloat16 encoder and in float32 otherwise (``decoder_dtype``); the tests hold bf16
 masks to IoU >= 0.97 against float32 on the fixture model.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +30,23 @@ DTYPES = {
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of bf16 arithmetic in hardware
+# oneDNN's dispatcher cap (``ONEDNN_MAX_CPU_ISA``, read by torch's and OpenVINO's oneDNN; values from
+# https://uxlfoundation.github.io/oneDNN/dev_guide_cpu_dispatcher_control.html): the levels that keep bf16
+ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+BF16_ISA_CAPS = frozenset(
+    {
+        "ALL",
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+    }
+)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -57,8 +76,9 @@ def native_bf16(device: torch.device) -> bool:
     """True where bfloat16 matmuls run in hardware on ``device``."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(BF16_CPU_FLAGS & cpu_flags())
+    if device.type == "cpu":  # the CPU has it, and oneDNN is not capped below it (a stand-in for an older CPU)
+        caps = [os.environ[k].upper() for k in ISA_CAP_ENV if os.environ.get(k)]
+        return bool(BF16_CPU_FLAGS & cpu_flags()) and all(c in BF16_ISA_CAPS for c in caps)
     return False
 
 
