@@ -634,7 +634,9 @@ def case_click(ctx: Context) -> list[dict]:
         r.raise_for_status()
         return url, r.json()["image_id"]
 
-    def ours(url: str, image_id: str) -> Callable[[], Any]:
+    def ours(url: str, image_id: str, route: str = "/page/decode") -> Callable[[], Any]:
+        """Clicks through the page's route, or ``/sam2/segment_image`` (the Roboflow-style API: points as
+        ``{x, y, positive}``, RLE out, the previous logits from the server's cache by ``image_id``)."""
         count = [0]
 
         def click():
@@ -642,16 +644,35 @@ def case_click(ctx: Context) -> list[dict]:
             count[0] += 1
             pts, labels = sequences[n // 5]
             k = n % 5 + 1
-            body = {
-                "image_id": image_id,
-                "sam2_version_id": ctx.size,
-                "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts[:k], labels[:k])],
-            }
-            answer = http.post(f"{url}/page/decode", json=body, timeout=60)
+            if route == "/page/decode":
+                points = [[float(x), float(y), int(lab)] for (x, y), lab in zip(pts[:k], labels[:k])]
+                body = {"image_id": image_id, "sam2_version_id": ctx.size, "points": points}
+            else:
+                points = [
+                    {"x": float(x), "y": float(y), "positive": bool(lab)} for (x, y), lab in zip(pts[:k], labels[:k])
+                ]
+                body = {
+                    "image_id": image_id,
+                    "sam2_version_id": ctx.size,
+                    "prompts": [{"points": points}],
+                    "format": "rle",
+                    "load_logits_from_cache": k > 1,
+                    "save_logits_to_cache": True,
+                }
+            answer = http.post(f"{url}{route}", json=body, timeout=60)
             answer.raise_for_status()
             return answer.json()
 
         return click
+
+    def back_to_back(click: Callable[[], Any], count: int) -> list[float]:
+        """Ours alone, clicks back to back after 5 untimed ones: seconds each."""
+        samples = []
+        for _ in range(count + 5):
+            t0 = time.perf_counter()
+            click()
+            samples.append(time.perf_counter() - t0)
+        return samples[5:]
 
     def ref() -> Callable[[], Any]:
         count, prev = [0], {}
@@ -703,6 +724,8 @@ def case_click(ctx: Context) -> list[dict]:
                 ctx.log(f"click: {dtype} at an annotator's pace, {PACED_CLICKS} clicks 250 ms apart, polling on/off")
                 idle = start(dtype, spin_ms=0)
                 paced_on, paced_off = paced(ours(*started[dtype])), paced(ours(*idle))
+                ctx.log(f"click: {dtype} through /sam2/segment_image, {s.click_repeats} clicks back to back")
+                segment = back_to_back(ours(*started[dtype], route="/sam2/segment_image"), s.click_repeats)
                 emb = engine.embed([sc.image])[0]
                 prev = engine.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
                 extra[variant] = dict(
@@ -714,6 +737,7 @@ def case_click(ctx: Context) -> list[dict]:
                     route="POST /page/decode on loopback (reference in process)",
                     paced_percentiles_ms=paced_on,
                     paced_no_spin_percentiles_ms=paced_off,
+                    segment_image_percentiles_ms=_percentiles(segment),
                 )
     finally:
         for server in servers:
