@@ -23,7 +23,6 @@ import numpy as np
 import supervision as sv
 import torch
 
-from sam2flow.engine.threads import CLICK_SPIN_S
 from sam2flow.formats import mask_iou
 
 from . import data
@@ -573,7 +572,7 @@ def _click_breakdown(engine, emb, points: np.ndarray, labels: np.ndarray, prev: 
 
 PACED_CLICKS = 60  # per server in the click case's annotator-pace series
 CLICK_BLOCK = 25  # clicks of one side in a row in the click case (``measure``'s ``block``)
-CLICK_SETTLE_S = CLICK_SPIN_S + 0.2  # before each block: the servers' polling and OpenMP spinning have stopped
+CLICK_SETTLE_S = 0.2  # before each block, past the servers' polling: their and the reference's spinning has stopped
 
 
 def case_click(ctx: Context) -> list[dict]:
@@ -716,7 +715,8 @@ def case_click(ctx: Context) -> list[dict]:
         with torch.inference_mode():
             ctx.predictor.set_image(sc.image)
         ctx.log(f"click: 800x600, 1-5 points + previous mask, {s.click_warmup} warm-up + {s.click_repeats} clicks")
-        m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync, block=CLICK_BLOCK, settle_s=CLICK_SETTLE_S)
+        settle = ServerSettings().click_spin_ms / 1000 + CLICK_SETTLE_S
+        m = measure(fns, s.click_warmup, s.click_repeats, ctx.sync, block=CLICK_BLOCK, settle_s=settle)
         pts, labels = sequences[0]
         extra = {}
         for variant, engine, dtype in ((OURS, ctx.ours, "float32"), (OURS_BF16, ctx.ours_bf16, "bfloat16")):
