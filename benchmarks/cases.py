@@ -664,15 +664,6 @@ def case_click(ctx: Context) -> list[dict]:
 
         return click
 
-    def back_to_back(click: Callable[[], Any], count: int) -> list[float]:
-        """Ours alone, clicks back to back after 5 untimed ones: seconds each."""
-        samples = []
-        for _ in range(count + 5):
-            t0 = time.perf_counter()
-            click()
-            samples.append(time.perf_counter() - t0)
-        return samples[5:]
-
     def ref() -> Callable[[], Any]:
         count, prev = [0], {}
 
@@ -693,10 +684,11 @@ def case_click(ctx: Context) -> list[dict]:
 
         return click
 
-    def paced(click: Callable[[], Any], gap_s: float = 0.25) -> dict:
-        """An annotator's pace, the reference idle: one click every ``gap_s``; percentiles."""
+    def alone(click: Callable[[], Any], calls: int, gap_s: float) -> dict:
+        """Ours alone, the reference idle: ``calls`` clicks, ``gap_s`` before each (0.25: an annotator's
+        pace; 0: back to back); percentiles of all but the first 5."""
         samples = []
-        for _ in range(PACED_CLICKS):
+        for _ in range(calls):
             time.sleep(gap_s)
             t0 = time.perf_counter()
             click()
@@ -723,9 +715,10 @@ def case_click(ctx: Context) -> list[dict]:
             if variant in m.samples:
                 ctx.log(f"click: {dtype} at an annotator's pace, {PACED_CLICKS} clicks 250 ms apart, polling on/off")
                 idle = start(dtype, spin_ms=0)
-                paced_on, paced_off = paced(ours(*started[dtype])), paced(ours(*idle))
+                paced_on = alone(ours(*started[dtype]), PACED_CLICKS, 0.25)
+                paced_off = alone(ours(*idle), PACED_CLICKS, 0.25)
                 ctx.log(f"click: {dtype} through /sam2/segment_image, {s.click_repeats} clicks back to back")
-                segment = back_to_back(ours(*started[dtype], route="/sam2/segment_image"), s.click_repeats)
+                segment = alone(ours(*started[dtype], route="/sam2/segment_image"), s.click_repeats + 5, 0.0)
                 emb = engine.embed([sc.image])[0]
                 prev = engine.predict(emb, points=pts[:1], point_labels=labels[:1]).low_res_logits[0]
                 extra[variant] = dict(
@@ -737,7 +730,7 @@ def case_click(ctx: Context) -> list[dict]:
                     route="POST /page/decode on loopback (reference in process)",
                     paced_percentiles_ms=paced_on,
                     paced_no_spin_percentiles_ms=paced_off,
-                    segment_image_percentiles_ms=_percentiles(segment),
+                    segment_image_percentiles_ms=segment,
                 )
     finally:
         for server in servers:
