@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sam2flow.engine import precision
+from sam2flow.engine import cpu, precision
 
 MATMUL_N = 2048
 
@@ -90,13 +90,13 @@ def load_average() -> list[float] | None:
         return None
 
 
-ISA_CAP_ENV = (*precision.ISA_CAP_ENV, "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "OV_CPU_MAX_ISA")
+ISA_CAP_ENV = (*cpu.ISA_CAP_ENV, "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "OV_CPU_MAX_ISA")
 
 
 def facts(devices: list[str]) -> dict:
     """CPU, cores, threads, library versions, GPUs: everything a reader needs to weigh the numbers."""
     info = _cpuinfo()
-    flags = precision.cpu_flags()
+    flags = cpu.cpu_flags()
     out = {
         "cpu_model": (info[0].get("model name") if info else None) or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
@@ -105,7 +105,7 @@ def facts(devices: list[str]) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_bf16_flags": sorted(flags & (precision.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
+        "cpu_bf16_flags": sorted(flags & (cpu.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
         # int8 dot products in hardware (what the int8 rows use): AVX512-VNNI, AVX-VNNI, AMX-INT8
         "cpu_int8_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
         "native_bf16": precision.native_bf16(torch.device("cpu")),

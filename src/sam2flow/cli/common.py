@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..engine.encoders import BACKENDS
-from ..engine.precision import DTYPE_CHOICES, QUANTIZE_CHOICES
+from ..engine.options import BACKENDS, DTYPE_CHOICES, QUANTIZE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES, VERSIONS
 
 

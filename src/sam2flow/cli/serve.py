@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.precision import DTYPE_CHOICES
+from ..engine.options import DTYPE_CHOICES
 from ..models.registry import FAMILIES, VERSIONS
 from .common import add_backend_arg, add_store_args, for_remote_workers
 

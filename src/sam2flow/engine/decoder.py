@@ -241,7 +241,7 @@ def prompted_image(rows: torch.Tensor, prompt_encoder, masks: torch.Tensor | Non
     feats = _mask_features(embed, masks)
     feats = torch.cat([feats, feats.new_ones(*feats.shape[:2], 1)], 2).to(rows.dtype)
     w = torch.cat([embed.conv3.weight.flatten(1).t(), embed.conv3.bias[None]]).to(rows.dtype)
-    return torch.baddbmm(rows.expand(len(masks), -1, -1), feats, w.expand(len(masks), -1, -1))
+    return torch.baddbmm(rows.expand(masks.shape[0], -1, -1), feats, w.expand(masks.shape[0], -1, -1))
 
 
 def decode(
@@ -276,7 +276,7 @@ def decode(
     parts = []
     for i in range(0, sparse.shape[0], chunk):
         part = sparse[i : i + chunk, 0]
-        tokens = torch.cat([out_tokens.expand(len(part), -1, -1), part], 1)
+        tokens = torch.cat([out_tokens.expand(part.shape[0], -1, -1), part], 1)
         queries, x = _transformer(decoder.transformer, tokens, image if shared else image[i : i + chunk], pos, first)
         mask_tokens = queries[:, 2 : 2 + decoder.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)

@@ -27,8 +27,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "torch", "openvino")
-BACKEND_ENV = "SAM2FLOW_BACKEND"
+from .options import BACKEND_ENV, BACKENDS
 
 EncoderOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``image_embed`` (B, 256, 64, 64), ``s0`` (B, 32, 256, 256), ``s1`` (B, 64, 128, 128): float32."""

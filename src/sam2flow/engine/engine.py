@@ -26,7 +26,7 @@ from .decoder import decode, image_rows, prompted_image, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
-from .prompts import Prompt, PromptArrays, check_boxes, check_mask_input, check_points, group_prompts
+from .prompts import Prompt, PromptArrays, group_prompts, prompt_arrays
 from .threads import ComputeThread, compute_thread
 from .types import (  # declared there, importable from here as before
     LOW_RES,
@@ -409,20 +409,10 @@ class Sam2Engine:
         (``transforms.remove_small_regions``); ``low_res_logits`` stay as decoded.
         """
         cleanup = _cleanup(max_hole_area, max_sprinkle_area)
-        hw = embedding.original_size
-        b = check_boxes(boxes, hw) if boxes is not None else None
-        if points is None and point_labels is not None:
-            raise ValueError("point_labels were given without points")
-        p, lab = check_points(points, point_labels) if points is not None else (None, None)
-        if b is None and p is None:
-            raise ValueError("predict() needs boxes, points, or both")
-        if b is not None and p is not None and len(b) != len(p):
-            raise ValueError(f"{len(b)} boxes but {len(p)} point prompts: they must pair one to one")
-        n = len(b) if b is not None else len(p)
-        if n == 0:  # a detector that found nothing
+        arrays = prompt_arrays(boxes, points, point_labels, mask_input, embedding.original_size)
+        if arrays.count == 0:  # a detector that found nothing
             return self.predict_prompts(embedding, [])
-        m = check_mask_input(mask_input, n) if mask_input is not None else None
-        return self._decode(embedding, PromptArrays(b, p, lab, m), multimask_output, cleanup)
+        return self._decode(embedding, arrays, multimask_output, cleanup)
 
     def predict_prompts(
         self,

@@ -54,51 +54,25 @@ from torch import nn
 
 from .encoders import EncoderOutput, ImageSide
 from .fast import forget_position_encodings
+from .openvino_plugin import (
+    OpenVINOError,
+    QuantizeError,
+    cache_root,
+    compile_config,
+    compiled_cache_dir,
+    one_line,
+)
 
 CONVERSION_VERSION = 2  # bump when the pieces or their conversion change: old IR is then ignored
 BLOCKS_PER_PIECE = 1  # Hiera blocks per compiled piece: the encoder can pause after every block
-CACHE_ENV = "SAM2FLOW_CACHE_DIR"
 QUANTIZE_MODES = ("none", "int8-weights", "int8")
 # The most a quantised IR's image embedding may differ from the float IR's (relative L2 on one image).
 # Measured on the fixture model: int8 weights ~1e-2, int8 with 4 calibration images 0.06-0.14.
 QUANT_TOLERANCE = {"int8-weights": 0.05, "int8": 0.25}
 _PRECISION_HINT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-# int8 weights: OpenVINO's CPU plugin quantises each fully connected layer's activations on the fly
-# (``DYNAMIC_QUANTIZATION_GROUP_SIZE``, 32 by default) and multiplies in int8. Measured (hiera_tiny,
-# float32 hint, one 1024 image, 2-core Xeon with AMX): groups of 32 1.13-1.20 s, 128 1.02-1.05 s,
-# 256 1.07-1.13 s, 1024 1.29-1.34 s, none 1.38 s; the float IR 1.37 s; relative L2 error of the image
-# embedding against the float IR 1.6-1.7 % at 32-256.
-DYNAMIC_QUANTIZATION_GROUP = 128
-
-
-def _compile_config(hint: str, quantize: str) -> dict:
-    """The CPU plugin's settings for an encoder IR with ``hint`` precision and ``quantize`` weights."""
-    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    if quantize == "int8-weights":
-        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = DYNAMIC_QUANTIZATION_GROUP
-    return config
 
 
 log = logging.getLogger(__name__)
-
-
-class OpenVINOError(RuntimeError):
-    """The encoder could not be converted, checked or compiled with OpenVINO."""
-
-
-class QuantizeError(OpenVINOError):
-    """The float encoder is fine, but its int8 version could not be made or failed its check."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (OpenVINO's span several, with blank ones between)."""
-    return " ".join(str(error).split())
-
-
-def cache_root() -> Path:
-    """``$SAM2FLOW_CACHE_DIR`` or ``~/.cache/sam2flow``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "sam2flow"
 
 
 # ---- the pieces, as torch modules --------------------------------------------------------------
@@ -282,7 +256,7 @@ def _quantize(
     core = ov.Core()
     floats = [core.read_model(str(source / f"piece{i}.xml")) for i in range(len(layout.pieces) + 1)]
     # run the float IR first: NNCF compresses weights in place, on the very model objects it is given
-    f32 = _compile_config("f32", "none")
+    f32 = compile_config("f32", "none")
     want = _infer_chain([core.compile_model(m, "CPU", f32) for m in floats], layout)(check)[0]
     nncf.set_log_level(logging.ERROR)
     quantized = []
@@ -299,7 +273,7 @@ def _quantize(
                 raise QuantizeError(
                     f"NNCF could not quantise piece {i} of the image encoder ({mode}): {one_line(e)}"
                 ) from e
-    config = _compile_config("f32", mode)  # as it will run, in float32 where it is not int8
+    config = compile_config("f32", mode)  # as it will run, in float32 where it is not int8
     try:
         have = _infer_chain([core.compile_model(m, "CPU", config) for m in quantized], layout)(check)[0]
     except Exception as e:  # the plugin's errors are plain RuntimeErrors
@@ -408,12 +382,9 @@ class OpenVINOEncoder:
                 err = _quantize(source, directory, layout, quantize, calib, check)
                 log.warning("%s encoder: image embedding within %.2g%% of float32's (relative L2)", quantize, 100 * err)
         core = ov.Core()
-        # One compiled-model cache per precision: OpenVINO 2026.4's cache key leaves the precision hint out
-        # on some CPUs (seen on a Xeon with AMX): a bf16 compile then loaded the f32 blob and returned NaN.
         hint = _PRECISION_HINT[dtype]
-        config = _compile_config(hint, quantize)
-        dq = config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE")  # a cache key may leave it out too: its own folder
-        core.set_property({"CACHE_DIR": str(root / "compiled" / (f"{hint}-dq{dq}" if dq else hint))})
+        config = compile_config(hint, quantize)
+        core.set_property({"CACHE_DIR": str(compiled_cache_dir(root, config))})
         try:
             compiled = [
                 core.compile_model(str(directory / f"piece{i}.xml"), "CPU", config)

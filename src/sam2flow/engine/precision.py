@@ -10,12 +10,12 @@ masks to IoU >= 0.97 against float32 on the fixture model.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-from pathlib import Path
 
 import torch
+
+from .cpu import cpu_bf16, cpu_flags
+from .options import QUANTIZE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +27,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of bf16 arithmetic in hardware
-# oneDNN's dispatcher cap (``ONEDNN_MAX_CPU_ISA``, read by torch's and OpenVINO's oneDNN; values from
-# https://uxlfoundation.github.io/oneDNN/dev_guide_cpu_dispatcher_control.html): the levels that keep bf16
-ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-BF16_ISA_CAPS = frozenset(
-    {
-        "ALL",
-        "AVX512_CORE_BF16",
-        "AVX512_CORE_FP16",
-        "AVX512_CORE_AMX",
-        "AVX512_CORE_AMX_FP16",
-        "AVX10_1_512",
-        "AVX10_1_512_AMX",
-        "AVX10_1_512_AMX_FP16",
-        "AVX10_2_512",
-        "AVX10_2_512_AMX_2",
-    }
-)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -60,25 +40,12 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def native_bf16(device: torch.device) -> bool:
     """True where bfloat16 matmuls run in hardware on ``device``."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # the CPU has it, and oneDNN is not capped below it (a stand-in for an older CPU)
-        caps = [os.environ[k].upper() for k in ISA_CAP_ENV if os.environ.get(k)]
-        return bool(BF16_CPU_FLAGS & cpu_flags()) and all(c in BF16_ISA_CAPS for c in caps)
+        return cpu_bf16(cpu_flags())
     return False
 
 

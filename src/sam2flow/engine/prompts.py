@@ -22,6 +22,7 @@ __all__ = [
     "check_mask_input",
     "check_points",
     "group_prompts",
+    "prompt_arrays",
 ]
 
 
@@ -84,6 +85,24 @@ def check_mask_input(mask_input, n: int) -> np.ndarray:
         raise ValueError(f"mask_input must have shape ({n}, {LOW_RES}, {LOW_RES}), got {m.shape}")
     _finite(m, "mask_input")
     return m
+
+
+def prompt_arrays(boxes, points, point_labels, mask_input, image_hw: tuple[int, int]) -> PromptArrays:
+    """N prompts of one image given as arrays, validated: ``boxes`` (N, 4) x1, y1, x2, y2 pixels;
+    ``points`` (N, P, 2) x, y pixels (or (P, 2) for one prompt) with ``point_labels`` (N, P) of 1/0;
+    both together give each box its clicks; ``mask_input`` (N, 256, 256) low-resolution logits.
+    N = 0 (a detector that found nothing) is allowed: ``count`` is then 0."""
+    b = check_boxes(boxes, image_hw) if boxes is not None else None
+    if points is None and point_labels is not None:
+        raise ValueError("point_labels were given without points")
+    p, lab = check_points(points, point_labels) if points is not None else (None, None)
+    if b is None and p is None:
+        raise ValueError("predict() needs boxes, points, or both")
+    if b is not None and p is not None and len(b) != len(p):
+        raise ValueError(f"{len(b)} boxes but {len(p)} point prompts: they must pair one to one")
+    n = len(b) if b is not None else len(p)
+    m = check_mask_input(mask_input, n) if mask_input is not None and n else None
+    return PromptArrays(b, p, lab, m)
 
 
 def _check_prompt(p: Prompt, image_hw: tuple[int, int]) -> PromptArrays:

@@ -4,13 +4,21 @@ Images: RGB uint8 (H, W, 3) → float in [0, 1] → bilinear antialiased resize 
 input (1024 × 1024) → ImageNet mean/std. Coordinates: pixel (x, y) in the original image → the
 same point in the 1024 × 1024 input frame (x · 1024 / W, y · 1024 / H). Masks: low-resolution
 logits (256 × 256) → bilinear (align_corners=False) to the original (H, W); logits > 0 is the mask.
+
+Each operation is here twice where both engines need it: on torch tensors for ``Sam2Engine``, and
+on numpy arrays for ``GraphEngine`` (``engine/graph_engine.py``), which runs without torch: this
+module imports torch only inside the torch functions. The numpy resampling is torch's own
+definition (``resample_axis``), tested equal to ``F.interpolate`` within float32 rounding.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +58,9 @@ def preprocess(images: list[np.ndarray], size: int, device: torch.device, dtype:
     Each image is moved to the device as uint8 (a quarter of the bytes of float) and converted
     there; the maths is the reference's, in float32, then cast to ``dtype``.
     """
+    import torch
+    import torch.nn.functional as F
+
     out = []
     for image in images:
         # Not pinned: pinning a fresh buffer (cudaHostAlloc) cost ~10 ms on an H200 host, far more than
@@ -67,10 +78,10 @@ def to_input_frame(coords: torch.Tensor, original_hw: tuple[int, int], size: int
     """Map pixel coordinates (..., 2) as (x, y) in the original image to the model's input frame.
 
     Divide by the image size, then multiply by the input size, in that order: the reference does
-    the same, so float32 rounding is identical.
+    the same, so float32 rounding is identical. Tensors or numpy arrays.
     """
     h, w = original_hw
-    out = coords.clone()
+    out = coords.copy() if isinstance(coords, np.ndarray) else coords.clone()
     out[..., 0] /= w
     out[..., 1] /= h
     return out * size
@@ -78,6 +89,9 @@ def to_input_frame(coords: torch.Tensor, original_hw: tuple[int, int], size: int
 
 def upsample_masks(low_res: torch.Tensor, original_hw: tuple[int, int], max_elements: int = 1 << 25) -> torch.Tensor:
     """Low-resolution logits (N, 256, 256) → boolean masks (N, H, W), in chunks to bound memory."""
+    import torch
+    import torch.nn.functional as F
+
     n = low_res.shape[0]
     h, w = original_hw
     out = torch.empty((n, h, w), dtype=torch.bool, device=low_res.device)
@@ -97,18 +111,26 @@ def check_region_area(name: str, value) -> int:
 
 
 def remove_small_regions(low_res: torch.Tensor, max_hole_area: int, max_sprinkle_area: int) -> torch.Tensor:
-    """Fill small holes and erase small sprinkles of low-resolution logits (N, 256, 256).
+    """``clean_regions`` on a tensor of low-resolution logits (N, 256, 256); a new tensor on its device."""
+    import torch
+
+    out = clean_regions(low_res.float().cpu().numpy(), max_hole_area, max_sprinkle_area)
+    return torch.from_numpy(out).to(low_res.device)
+
+
+def clean_regions(low_res: np.ndarray, max_hole_area: int, max_sprinkle_area: int) -> np.ndarray:
+    """Fill small holes and erase small sprinkles of low-resolution logits (N, 256, 256) float32.
 
     Meta's ``SAM2Transforms.postprocess_masks`` (``sam2/utils/transforms.py``), before upsampling:
     background components (logits <= ``MASK_THRESHOLD``, 8-connected) of at most ``max_hole_area``
     pixels are set to ``MASK_THRESHOLD + 10``; foreground components (logits > ``MASK_THRESHOLD``)
     of at most ``max_sprinkle_area`` pixels to ``MASK_THRESHOLD - 10``. Both kinds are found on the
     logits as given, as the reference does; areas count pixels of the 256 × 256 grid (one low-res
-    pixel is (H / 256) × (W / 256) image pixels). 0 turns either off. Returns a new tensor.
+    pixel is (H / 256) × (W / 256) image pixels). 0 turns either off. Returns a new array.
     """
     import cv2
 
-    arr = low_res.float().cpu().numpy()
+    arr = np.asarray(low_res, np.float32)
     out = arr.copy()
     for k in range(len(arr)):
         fg = arr[k] > MASK_THRESHOLD
@@ -121,4 +143,68 @@ def remove_small_regions(low_res: torch.Tensor, max_hole_area: int, max_sprinkle
             _, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
             small = region & (stats[labels, cv2.CC_STAT_AREA] <= area)
             out[k][small] = value
-    return torch.from_numpy(out).to(low_res.device)
+    return out
+
+
+# ---- the same maths on numpy arrays (``GraphEngine``) --------------------------------------------
+
+
+def _taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (n_out, K) of a bilinear resampling of ``n_in`` samples to ``n_out``.
+
+    ``antialias``: torch's ``_upsample_bilinear2d_aa`` (PIL's filter): a triangle of half-width
+    ``max(1, n_in / n_out)`` around each output centre, weights normalised to sum to one. Otherwise
+    ``upsample_bilinear2d`` with ``align_corners=False``: two neighbours of ``(i + 0.5)·scale - 0.5``,
+    clamped at the edges.
+    """
+    scale = n_in / n_out
+    i = np.arange(n_out, dtype=np.float64)
+    if not antialias:  # in float32, as torch's CPU kernel computes the source index
+        f = np.float32
+        src = np.maximum(f(scale) * (i.astype(f) + f(0.5)) - f(0.5), f(0.0))
+        i0 = np.minimum(src.astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        lam = (src - i0.astype(f)).astype(f)
+        return np.stack([i0, i1], 1), np.stack([f(1.0) - lam, lam], 1)
+    support = scale if scale >= 1.0 else 1.0
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    centre = scale * (i + 0.5)
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # truncation, as C's int cast
+    size = np.minimum((centre + support + 0.5).astype(np.int64), n_in) - lo
+    k = np.arange(int(size.max()))
+    idx = lo[:, None] + k[None]
+    w = np.clip(1.0 - np.abs((idx - centre[:, None] + 0.5) * inv), 0.0, None)
+    w[k[None] >= size[:, None]] = 0.0
+    w /= w.sum(1, keepdims=True)
+    return np.minimum(idx, n_in - 1), w.astype(np.float32)
+
+
+def resample_axis(x: np.ndarray, axis: int, n_out: int, antialias: bool) -> np.ndarray:
+    """``x`` (float32) resampled to ``n_out`` samples along ``axis`` (see ``_taps``)."""
+    idx, w = _taps(x.shape[axis], n_out, antialias)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = np.zeros(x.shape[:axis] + (n_out,) + x.shape[axis + 1 :], np.float32)
+    for k in range(idx.shape[1]):
+        out += x.take(idx[:, k], axis=axis) * w[:, k].reshape(shape)
+    return out
+
+
+def preprocess_array(image: np.ndarray, size: int) -> np.ndarray:
+    """``preprocess`` of one RGB uint8 image (H, W, 3) in numpy: (1, 3, size, size) float32."""
+    x = image.astype(np.float32) / np.float32(255.0)
+    x = resample_axis(resample_axis(x, 1, size, antialias=True), 0, size, antialias=True)
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def upsample_masks_array(low_res: np.ndarray, original_hw: tuple[int, int], max_elements: int = 1 << 25) -> np.ndarray:
+    """``upsample_masks`` in numpy: logits (N, 256, 256) float32 → boolean masks (N, H, W)."""
+    n = low_res.shape[0]
+    h, w = original_hw
+    out = np.empty((n, h, w), bool)
+    step = max(1, max_elements // max(1, h * w))
+    for start in range(0, n, step):
+        rows = resample_axis(low_res[start : start + step].astype(np.float32), 1, h, antialias=False)
+        np.greater(resample_axis(rows, 2, w, antialias=False), MASK_THRESHOLD, out=out[start : start + step])
+    return out

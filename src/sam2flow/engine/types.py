@@ -9,20 +9,21 @@ hands engines out by version (``EnginePool``, the server's state, ``RemotePool``
 Coordinates are pixels of the original image throughout: boxes ``x1, y1, x2, y2``, points
 ``x, y``; sizes are ``(H, W)``. Low-resolution mask logits are ``LOW_RES × LOW_RES``.
 
-This module imports nothing else of sam2flow at run time, so every layer can depend on it.
+This module imports nothing else of sam2flow at run time, and not torch, so every layer can depend
+on it (``GraphEngine``'s torch-free processes included).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
-    from .automatic import AutomaticConfig
+    import torch
 
 LOW_RES = 256  # side of the decoder's mask logits (the mask prompt's side too)
 
@@ -98,6 +99,73 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+@dataclass(frozen=True)
+class AutomaticConfig:
+    """Settings of automatic mask generation; defaults are the reference's.
+
+    ``points_per_side``: clicks per side of the grid (``points_per_side ** 2`` clicks in all).
+    ``points_per_batch``: clicks per decoder call; more is faster on a GPU at the cost of memory
+    (each click holds three 256 × 256 float32 candidates: 64 clicks ≈ 50 MB), never different.
+    ``pred_iou_thresh``: keep candidates whose predicted IoU is strictly above this (0 keeps all;
+    above 1 keeps none).
+    ``stability_score_thresh``: keep candidates whose stability score is at least this (0 keeps
+    all, even empty masks, whose stability is NaN).
+    ``stability_score_offset``: how far above and below ``mask_threshold`` the two cutoffs of the
+    stability score lie, in logits.
+    ``mask_threshold``: logit cutoff of the returned masks.
+    ``box_nms_thresh``: a mask is dropped when its box overlaps a better-scored kept box with IoU
+    above this.
+    ``min_mask_region_area``: when > 0, holes and specks of at most this many pixels *of the
+    256 × 256 low-resolution logits* (8-connected) are filled or erased before upsampling, as in
+    the reference (which does this only where its CUDA extension is built, and skips it with a
+    warning otherwise).
+    ``multimask_output``: three candidates per click (True) or one.
+
+    Crops (the reference's ``crop_n_layers`` > 0) are not implemented: the whole image is one
+    crop, so the reference's "box touches a crop edge" filter never removes anything.
+    Values are checked on construction (``ValueError`` naming the field), also by
+    ``dataclasses.replace(config, ...)``.
+    """
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.8
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    multimask_output: bool = True
+
+    def __post_init__(self):
+        for name in ("points_per_side", "points_per_batch"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("min_mask_region_area", self.min_mask_region_area, 0)
+        for name in (
+            "pred_iou_thresh",
+            "stability_score_thresh",
+            "stability_score_offset",
+            "mask_threshold",
+            "box_nms_thresh",
+        ):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.box_nms_thresh <= 1:
+            raise ValueError(f"box_nms_thresh must be within [0, 1], got {self.box_nms_thresh!r}")
+        if not isinstance(self.multimask_output, (bool, np.bool_)):
+            raise ValueError(f"multimask_output must be True or False, got {self.multimask_output!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # ---- interfaces --------------------------------------------------------------------------------

@@ -446,8 +446,8 @@ class FunctionConfig:
 
             engine = RemoteEngine(self.remote_url, self.version, self.api_key)
             return CvatFunction(engine, self.kind, self.label, self.max_pixels, reuse_logits=False)
-        from ..engine.automatic import AutomaticConfig
         from ..engine.engine import Sam2Engine
+        from ..engine.types import AutomaticConfig
 
         engine = Sam2Engine.from_pretrained(
             self.version,

@@ -23,14 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..engine.automatic import AutomaticConfig
 from ..engine.cache import EmbeddingCache
 from ..engine.engine import Sam2Engine
 from ..engine.pool import EnginePool
 from ..engine.prompts import Prompt, PromptBudget, PromptLimitError
 from ..engine.store import EmbeddingStore, StoreError
 from ..engine.threads import compute_thread
-from ..engine.types import ImageEmbedding
+from ..engine.types import AutomaticConfig, ImageEmbedding
 from ..formats import mask_to_polygons, mask_to_rle
 from ..images import ImageTooLarge, load_wire_image, wire_loader
 from ..models.convert import CheckpointError

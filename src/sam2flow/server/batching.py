@@ -18,8 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..engine.automatic import AutomaticConfig
-from ..engine.types import ImageEmbedding, Prediction, Prompt, ScoredMasks, SegmentingEngine
+from ..engine.types import AutomaticConfig, ImageEmbedding, Prediction, Prompt, ScoredMasks, SegmentingEngine
 
 Engine = SegmentingEngine[ImageEmbedding]  # the server's engines: ``Sam2Engine``, or any backend like it
 

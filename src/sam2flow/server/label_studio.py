@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..engine.automatic import AutomaticConfig
+from ..engine.types import AutomaticConfig
 from ..integrations.label_studio import LabelStudioBackend, SdkMissing, TaskImages
 from .settings import ServerSettings
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import requests
 
-from ..engine.automatic import AutomaticConfig
-from ..engine.types import LOW_RES, Prediction, Prompt
+from ..engine.types import LOW_RES, AutomaticConfig, Prediction, Prompt
 from ..formats import rle_to_mask
 
 TRANSIENT_STATUS = {502, 503, 504}

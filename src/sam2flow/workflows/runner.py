@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import supervision as sv
 
-from ..engine.automatic import AutomaticConfig
-from ..engine.engine import Sam2Engine
-from ..engine.pool import EnginePool
 from ..engine.prompts import PromptBudget
-from ..engine.types import EngineProvider
+from ..engine.types import AutomaticConfig, EngineProvider
 from ..formats import detections_to_predictions
 from ..images import ImageLoader
 from .definition import Definition, WorkflowDefinitionError, parse_definition
 from .inputs import detections_batch, image_batch
 from .step import INPUT_SELECTOR, STEP_SELECTOR, StepParameters, segment_images
 
+if TYPE_CHECKING:
+    from ..engine.engine import Sam2Engine
+    from ..engine.graph_engine import GraphEngine
+
 
 def run_workflow(
     definition: Mapping | Definition,
     inputs: Mapping[str, Any],
-    engines: EngineProvider | Sam2Engine | None = None,
+    engines: EngineProvider | Sam2Engine | GraphEngine | None = None,
     automatic_config: AutomaticConfig | None = None,
     execution: str | None = None,
     api_url: str | None = None,
@@ -40,7 +42,8 @@ def run_workflow(
     ``sv.Detections``; ``serialize_outputs`` turns results into JSON.
 
     ``engines``: where the step's engines come from: an ``EngineProvider`` (``get(version)``: an
-    ``EnginePool``, the server's state), one ``Sam2Engine``, or ``None`` for a new ``EnginePool``.
+    ``EnginePool``, the server's state, a ``GraphPool``), one ``Sam2Engine`` or ``GraphEngine`` (runs
+    without torch), or ``None`` for a new ``EnginePool``.
 
     ``execution="remote"`` (or ``$SAM2FLOW_REMOTE_URL`` set, with ``execution`` left unset) sends
     the step's work to the sam2flow server at ``api_url`` (default ``$SAM2FLOW_REMOTE_URL``),
@@ -53,13 +56,7 @@ def run_workflow(
     """
     engines = _engines_for(execution, api_url, api_key, engines)
     d = definition if isinstance(definition, Definition) else parse_definition(definition)
-    pool: EngineProvider
-    if engines is None:
-        pool = EnginePool()
-    elif isinstance(engines, Sam2Engine):
-        pool = EnginePool.of(engines)
-    else:
-        pool = engines
+    pool = _provider(engines)
     unknown = sorted(set(inputs) - set(d.inputs))
     if unknown:
         raise ValueError(f"unknown workflow input(s): {', '.join(unknown)} (the definition has {', '.join(d.inputs)})")
@@ -111,6 +108,26 @@ def run_workflow(
             pool.get(p.version), images[name], [name] * size, boxes, p, automatic_config
         )
     return [{out: _select(sel, i, inputs, params, results) for out, sel in d.outputs} for i in range(size)]
+
+
+def _provider(engines: EngineProvider | Sam2Engine | None) -> EngineProvider:
+    """The step's engines by version. torch is imported only where a ``Sam2Engine`` is made or given,
+    so a ``GraphEngine`` (or its ``GraphPool``) runs a workflow in a process without torch."""
+    if isinstance(engines, EngineProvider):
+        return engines
+    graphs = sys.modules.get("sam2flow.engine.graph_engine")  # not imported: not a GraphEngine
+    if graphs is not None and isinstance(engines, graphs.GraphEngine):
+        return graphs.GraphPool(engines)
+    if engines is not None:
+        engine_module = sys.modules.get("sam2flow.engine.engine")  # not imported: not a Sam2Engine
+        if engine_module is None or not isinstance(engines, engine_module.Sam2Engine):
+            raise ValueError(
+                "engines must be an EngineProvider (get(version)), a Sam2Engine, a GraphEngine or None, "
+                f"got {type(engines).__name__}"
+            )
+    from ..engine.pool import EnginePool
+
+    return EnginePool() if engines is None else EnginePool.of(engines)
 
 
 def _engines_for(

@@ -25,9 +25,8 @@ from pydantic import (
 )
 
 from ..detections import attach_image_metadata, keypoint_clicks, masks_to_detections, prompt_fields
-from ..engine.automatic import AutomaticConfig
 from ..engine.transforms import check_region_area
-from ..engine.types import Prompt, SegmentingEngine
+from ..engine.types import AutomaticConfig, Prompt, SegmentingEngine
 from ..models.registry import Version
 
 STEP_TYPE = "roboflow_core/segment_anything@v1"
