@@ -1,7 +1,7 @@
 """The ``sam2flow`` command line: one module per command, each with ``add_parser`` and ``run``.
 
-``segment`` (one image), ``run-workflow``, ``batch``, ``embed``, ``serve``, ``fixture`` and ``demo``
-(``offline``). Errors end in one line on stderr (``sam2flow: error: ...``) and a non-zero exit
+``segment`` (one image), ``run-workflow``, ``batch``, ``embed``, ``export-graphs``, ``serve``, ``fixture``
+and ``demo`` (``offline``). Errors end in one line on stderr (``sam2flow: error: ...``) and a non-zero exit
 status; nothing heavy (torch, the server) is imported before a command needs it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import batch, embed, offline, run_workflow, segment, serve
+from . import batch, embed, graphs, offline, run_workflow, segment, serve
 from .common import Parser
 from .run_workflow import parse_inputs
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_workflow.add_parser(sub)
     batch.add_parser(sub)
     embed.add_parser(sub)
+    graphs.add_parser(sub)
     serve.add_parser(sub)
     offline.add_parsers(sub)
     return parser

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..engine.precision import DTYPE_CHOICES
+from ..engine.options import DTYPE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES
 from .common import add_backend_arg, add_quantize_args, calibration_images
 
@@ -39,6 +39,13 @@ def add_parser(sub) -> None:
     )
     add_backend_arg(run_)
     add_quantize_args(run_)
+    run_.add_argument(
+        "--graphs",
+        type=Path,
+        metavar="DIR",
+        help="run the step on exported OpenVINO graphs (sam2flow export-graphs), without torch; "
+        "--dtype auto, float32 or bfloat16",
+    )
     run_.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run_.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     run_.add_argument(
@@ -75,7 +82,6 @@ def parse_inputs(pairs: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from ..engine.pool import EnginePool
     from ..workflows.definition import parse_definition
     from ..workflows.runner import run_workflow, serialize_outputs
 
@@ -91,7 +97,14 @@ def run(args) -> int:
         checkpoints[version if sep else DEFAULT_VERSION] = path if sep else item
     if args.remote or os.environ.get("SAM2FLOW_REMOTE_URL"):
         results = run_workflow(definition, inputs, execution="remote", api_url=args.remote)
+    elif args.graphs is not None:
+        from ..engine.graph_engine import GraphEngine
+
+        engine = GraphEngine(args.graphs, dtype=args.dtype, quantize=args.quantize)
+        results = run_workflow(definition, inputs, engine)
     else:
+        from ..engine.pool import EnginePool
+
         calibration = calibration_images(args.calibration)
         pool = EnginePool(
             args.family,

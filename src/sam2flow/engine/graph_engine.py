@@ -1,0 +1,291 @@
+"""``GraphEngine``: SAM2 from exported OpenVINO graphs, in a process that never imports torch.
+
+For batch work on CPUs where memory counts (a container per worker, many workers per machine): the
+image encoder and the prompt decoder run as the graphs ``export_graphs`` wrote (``engine/graphs.py``),
+pre- and post-processing in numpy (``engine/transforms.py``, torch's own resampling). Only numpy,
+OpenCV and OpenVINO are loaded. Measured on a 2-core Xeon (hiera_tiny, the step on three 640 × 480
+images, 4 boxes each): peak RSS ~750 MiB in bf16 against ~1,700 for Meta's predictor.
+
+Differences from ``Sam2Engine``: decoding runs on OpenVINO too (slower per prompt than our torch
+decoder: this engine is for memory, not for clicks); unprompted mode (``automatic``) is not
+available; one image per encoder run (the fastest per image on a CPU); no embedding store.
+Masks equal ``Sam2Engine``'s in float32 (the tests compare both with Meta's predictor).
+
+Memory: only one of the two graphs holds its working memory at a time (``low_memory``, default):
+an encoder run first releases the decoder's buffers and a decode the encoder's
+(``CompiledModel.release_memory``), so the peak is the larger of the two, not their sum; the
+buffers are allocated again on the next switch (a few tens of milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import transforms as T
+from .cache import EmbeddingCache, content_hash
+from .cpu import cpu_bf16, cpu_flags
+from .openvino_plugin import OpenVINOError, cache_root, compile_config, compiled_cache_dir, one_line
+from .prompts import group_prompts, prompt_arrays
+from .types import LOW_RES, AutomaticConfig, Prediction, Prompt, PromptArrays
+
+GRAPHS_FORMAT = 1  # the export format (``engine/graphs.py`` writes it): bump when inputs, outputs or files change
+MANIFEST = "sam2flow-graphs.json"
+DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZE = ("auto", "none", "int8-weights")
+DECODE_CHUNK = 8  # prompts per decoder run: bounds the decoder's buffers (~20 MB a prompt in float32)
+
+
+@dataclass(frozen=True)
+class GraphEmbedding:
+    """What the decoder graphs need of one image, as numpy float32: ``image_embed`` (256, 64, 64),
+    ``high_res_feats`` (32, 256, 256) and (64, 128, 128); ``original_size`` (H, W); ``key`` as
+    ``ImageEmbedding.key`` (``"<model id>|<image id>"``)."""
+
+    image_embed: np.ndarray
+    high_res_feats: tuple[np.ndarray, np.ndarray]
+    original_size: tuple[int, int]
+    key: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.image_embed, *self.high_res_feats))
+
+    @property
+    def image_id(self) -> str:
+        return self.key.rsplit("|", 1)[-1]
+
+
+def decoder_name(multimask_output: bool, mask_prompts: bool) -> str:
+    """The file stem of the decoder graph for these options."""
+    return f"decoder-{'multi' if multimask_output else 'single'}{'-mask' if mask_prompts else ''}"
+
+
+def read_manifest(directory: Path) -> dict:
+    """The export's manifest, checked: ``ValueError`` naming what is missing or foreign."""
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ValueError(f"no graph export at {directory}: make one with `sam2flow export-graphs` or export_graphs()")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} has no {MANIFEST}: not a sam2flow graph export") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != GRAPHS_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: export format {found!r}, this sam2flow reads {GRAPHS_FORMAT}: export again")
+    for key in ("version", "input_size", "weights", "encoders", "decoders"):
+        if key not in manifest:
+            raise ValueError(f"{path} lacks {key!r}: export again")
+    for kind in ("encoders", "decoders"):
+        for name, file in manifest[kind].items():
+            if not (directory / file).is_file() or not (directory / file).with_suffix(".bin").is_file():
+                raise ValueError(f"{directory}: {kind[:-1]} {name!r} ({file}) is missing: export again")
+    return manifest
+
+
+class GraphEngine:
+    """SAM2 on images from exported graphs (``export_graphs``), without torch; a ``SegmentingEngine``.
+
+    ``directory``: the export. ``dtype``: ``"auto"`` (bfloat16 where the CPU has it natively, else
+    float32), ``"float32"`` (the reference's arithmetic) or ``"bfloat16"``. ``quantize``: ``"auto"``
+    (int8 weights for the encoder where ``auto`` means float32, as ``Sam2Engine`` does, if the export
+    has them), ``"none"`` or ``"int8-weights"``. ``cache``: embeddings by image content (shared if
+    given). ``low_memory``: keep one graph's working memory at a time (see the module docstring).
+    Bad input raises ``ValueError`` naming it.
+    """
+
+    backend = "openvino-graphs"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        dtype: str = "auto",
+        quantize: str = "auto",
+        cache: EmbeddingCache | None = None,
+        low_memory: bool = True,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} for GraphEngine: expected one of {', '.join(DTYPES)}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantize {quantize!r} for GraphEngine: expected one of {', '.join(QUANTIZE)}")
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.version = str(self.manifest["version"])
+        self.input_size = int(self.manifest["input_size"])
+        bf16 = dtype == "bfloat16" or (dtype == "auto" and cpu_bf16(cpu_flags()))
+        self.dtype = "bfloat16" if bf16 else "float32"
+        encoders = self.manifest["encoders"]
+        if quantize == "auto":
+            quantize = "int8-weights" if dtype == "auto" and not bf16 and "int8-weights" in encoders else "none"
+        if quantize not in encoders:
+            raise ValueError(f"{self.directory} has no {quantize} encoder (it has: {', '.join(encoders)})")
+        self.quantize = quantize
+        self.low_memory = low_memory
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self._hint = "bf16" if bf16 else "f32"
+        quant = "" if quantize == "none" else f"|{quantize}"
+        # the same model id scheme as Sam2Engine's: version, backend, precision, device, weights
+        self.model_id = f"{self.version}|{self.backend}|{self.dtype}|cpu|{self.manifest['weights']}{quant}"
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise OpenVINOError("GraphEngine needs the openvino package (pip install openvino)") from e
+        self._core = ov.Core()
+        config = compile_config(self._hint, quantize)
+        self._core.set_property({"CACHE_DIR": str(compiled_cache_dir(cache_root() / "openvino", config))})
+        self._encoder = self._compile(encoders[quantize], config)
+        self._decoders: dict[str, object] = {}  # compiled on first use
+        self._lock = threading.Lock()  # one graph runs at a time: each uses every core
+        self._holding: object | None = None  # the compiled graph whose buffers are allocated
+
+    def _compile(self, file: str, config: dict):
+        path = self.directory / file
+        try:
+            return self._core.compile_model(str(path), "CPU", config)
+        except Exception as e:  # the plugin's errors are plain RuntimeErrors
+            raise OpenVINOError(f"OpenVINO could not compile {path}: {one_line(e)}") from e
+
+    def _use(self, graph) -> None:
+        """Before ``graph`` runs: release the other graph's buffers (``low_memory``)."""
+        if self.low_memory and self._holding is not None and self._holding is not graph:
+            self._holding.release_memory()
+        self._holding = graph
+
+    def _decoder(self, multimask_output: bool, mask_prompts: bool):
+        name = decoder_name(multimask_output, mask_prompts)
+        if name not in self._decoders:
+            if name not in self.manifest["decoders"]:
+                raise ValueError(f"{self.directory} has no {name} graph: export again")
+            self._decoders[name] = self._compile(self.manifest["decoders"][name], compile_config(self._hint))
+        return self._decoders[name]
+
+    # ---- SegmentingEngine ------------------------------------------------------------------
+
+    def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[GraphEmbedding]:
+        """Embed RGB uint8 images (H, W, 3) of any sizes, one encoder run each; cached by content."""
+        if isinstance(images, np.ndarray):
+            raise ValueError("embed() takes a list of images; wrap a single image as [image]")
+        out = []
+        for i, image in enumerate(images):
+            rgb = T.as_rgb_uint8(image, f"image {i}")
+            key = f"{self.model_id}|{content_hash(rgb)}"
+            hit = self.cache.get(key) if use_cache else None
+            if hit is None:
+                pixels = T.preprocess_array(rgb, self.input_size)
+                with self._lock:
+                    self._use(self._encoder)
+                    embed, s0, s1 = (a[0].copy() for a in self._encoder(pixels).values())
+                hit = GraphEmbedding(embed, (s0, s1), rgb.shape[:2], key)
+                if use_cache:
+                    self.cache.put(key, hit)
+            out.append(hit)
+        return out
+
+    def predict_prompts(
+        self,
+        embedding: GraphEmbedding,
+        prompts: Sequence[Prompt],
+        multimask_output: bool = True,
+        max_hole_area: int = 0,
+        max_sprinkle_area: int = 0,
+    ) -> Prediction:
+        """The best mask per prompt, in prompt order (as ``Sam2Engine.predict_prompts``)."""
+        cleanup = self._check(embedding, max_hole_area, max_sprinkle_area)
+        groups = group_prompts(prompts, embedding.original_size) if prompts else []
+        return self._predict(embedding, groups, len(prompts), multimask_output, cleanup)
+
+    def predict(
+        self,
+        embedding: GraphEmbedding,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        max_hole_area: int = 0,
+        max_sprinkle_area: int = 0,
+    ) -> Prediction:
+        """N prompts of one image given as arrays, as ``Sam2Engine.predict`` takes them."""
+        cleanup = self._check(embedding, max_hole_area, max_sprinkle_area)
+        arrays = prompt_arrays(boxes, points, point_labels, mask_input, embedding.original_size)
+        groups = [(list(range(arrays.count)), arrays)] if arrays.count else []
+        return self._predict(embedding, groups, arrays.count, multimask_output, cleanup)
+
+    def _check(self, embedding, max_hole_area, max_sprinkle_area) -> tuple[int, int]:
+        """The clean-up areas, checked; and that ``embedding`` is this engine's."""
+        hole = T.check_region_area("max_hole_area", max_hole_area)
+        sprinkle = T.check_region_area("max_sprinkle_area", max_sprinkle_area)
+        if not isinstance(embedding, GraphEmbedding) or not embedding.key.startswith(self.model_id + "|"):
+            raise ValueError("this embedding was not made by this GraphEngine: embed the image with it")
+        return hole, sprinkle
+
+    def _predict(self, embedding: GraphEmbedding, groups, n: int, multimask_output: bool, cleanup) -> Prediction:
+        """Decode validated prompt groups ((indices, arrays) pairs) of ``n`` prompts in all."""
+        hole, sprinkle = cleanup
+        h, w = embedding.original_size
+        masks = np.zeros((n, h, w), bool)
+        scores = np.zeros(n, np.float32)
+        logits = np.zeros((n, LOW_RES, LOW_RES), np.float32)
+        for idx, arrays in groups:
+            low, iou = self._decode(embedding, arrays, multimask_output)
+            cleaned = T.clean_regions(low, hole, sprinkle) if hole or sprinkle else low
+            masks[idx] = T.upsample_masks_array(cleaned, (h, w))
+            scores[idx] = iou
+            logits[idx] = np.clip(low, -T.LOW_RES_LOGIT_LIMIT, T.LOW_RES_LOGIT_LIMIT)
+        return Prediction(masks, scores, logits)
+
+    def _decode(self, emb: GraphEmbedding, prompts: PromptArrays, multimask_output: bool):
+        """Low-resolution logits (N, 256, 256) and predicted IoU (N,) of the best candidate per prompt."""
+        coords, labels = [], []
+        if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
+            coords.append(prompts.boxes.reshape(-1, 2, 2))
+            labels.append(np.tile(np.array([[2, 3]], np.int32), (prompts.count, 1)))
+        if prompts.points is not None:
+            coords.append(prompts.points)
+            labels.append(prompts.labels.astype(np.int32))
+        xy = T.to_input_frame(np.concatenate(coords, 1).astype(np.float32), emb.original_size, self.input_size)
+        lab = np.concatenate(labels, 1).astype(np.int32)
+        mask = prompts.mask_input
+        graph = self._decoder(multimask_output, mask is not None)
+        lows, ious = [], []
+        with self._lock:
+            self._use(graph)
+            for start in range(0, len(xy), DECODE_CHUNK):
+                part = slice(start, start + DECODE_CHUNK)
+                inputs = [emb.image_embed, *emb.high_res_feats, xy[part], lab[part]]
+                if mask is not None:
+                    inputs.append(mask[part].astype(np.float32))
+                low, iou = graph(inputs).values()
+                best = iou.argmax(1)
+                rows = np.arange(len(best))
+                lows.append(low[rows, best].astype(np.float32))
+                ious.append(iou[rows, best].astype(np.float32))
+        return np.concatenate(lows), np.concatenate(ious)
+
+    def automatic(self, embedding: GraphEmbedding, config: AutomaticConfig | None = None):
+        """Not available here: unprompted mode runs on ``Sam2Engine``."""
+        raise ValueError(
+            "GraphEngine decodes prompts only: unprompted (automatic) mode needs Sam2Engine "
+            "(give the step boxes, or run it with the torch engine)"
+        )
+
+
+class GraphPool:
+    """``EngineProvider`` over ``GraphEngine`` objects: ``get(version)`` returns the one of that version."""
+
+    def __init__(self, *engines: GraphEngine):
+        self.engines = {e.version: e for e in engines}
+
+    def get(self, version: str) -> GraphEngine:
+        if version not in self.engines:
+            have = ", ".join(sorted(self.engines)) or "none"
+            raise ValueError(f"no graphs of SAM2 {version!r} are loaded (exported versions here: {have})")
+        return self.engines[version]
