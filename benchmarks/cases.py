@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ OURS, REF, OURS_BF16, REF_BF16 = "ours", "reference", "ours (bf16)", "reference 
 OURS_COMPILED = "ours (compiled)"  # torch.compile of the encoder, at the precision dtype="auto" picks
 OURS_ALT = {"torch": "ours (torch)", "openvino": "ours (openvino)"}  # our engine on the other encoder backend
 # our engine in bf16 on the other encoder backend (native-bf16 CPUs)
+OURS_GRAPHS = "ours (graphs)"  # GraphEngine: exported OpenVINO graphs, no torch, float32
+OURS_GRAPHS_AUTO = "ours (graphs, auto)"  # the same at dtype="auto" (bf16, or int8 weights without native bf16)
 OURS_ALT_BF16 = {"torch": "ours (torch bf16)", "openvino": "ours (openvino bf16)"}
 # OpenVINO int8 encoders (CPU): int8 weights with float32 activations, what dtype="auto" runs on a CPU without
 # bf16 (the stand-in for such CPUs); and int8 weights and activations calibrated on generated scenes, at dtype="auto"
@@ -117,6 +120,7 @@ class Context:
     ours_alt_bf16: Any | None = None  # ``ours_alt``'s backend in bfloat16, where the CPU has it natively
     exported: Any | None = None  # CPU: Meta's encoder on ONNX Runtime and OpenVINO (``MetaExported``)
     ours_int8: dict = field(default_factory=dict)  # OURS_INT8W / OURS_INT8 → an engine (CPU, OpenVINO)
+    ours_graphs: dict = field(default_factory=dict)  # OURS_GRAPHS / OURS_GRAPHS_AUTO → a GraphEngine (CPU)
 
     def ref(self, fn: Callable[[], Any], autocast: bool = False) -> Callable[[], Any]:
         """The reference called as its README shows: under ``torch.inference_mode()``, and on a GPU's
@@ -444,7 +448,7 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         fns[OURS_ALT[ctx.ours_alt.backend]] = lambda: run_step_ours(ctx.ours_alt, images, dets, ctx.size)
     if ctx.ours_alt_bf16 is not None:
         fns[OURS_ALT_BF16[ctx.ours_alt_bf16.backend]] = lambda: run_step_ours(ctx.ours_alt_bf16, images, dets, ctx.size)
-    for name, engine in ctx.ours_int8.items():
+    for name, engine in {**ctx.ours_int8, **ctx.ours_graphs}.items():
         fns[name] = lambda e=engine: run_step_ours(e, images, dets, ctx.size)
     ctx.log(f"step: {n_images} images 640x480 x {n_boxes} boxes, {s.step_warmup} warm-up + {s.step_repeats} repeats")
     m = measure(fns, s.step_warmup, s.step_repeats, ctx.sync)
@@ -455,10 +459,10 @@ def _step_config(ctx: Context, n_images: int, n_boxes: int) -> list[dict]:
         bf16_extra = {"mask_iou_vs_fp32": bf16_iou, "bf16_note": ctx.bf16_note}
     per_variant = {  # each of our other engines' masks against the reference's (and bf16 against our fp32)
         v: {"mask_iou_vs_reference": step_iou(m.last[v], m.last[REF])[0]}
-        for v in (*OURS_ALT.values(), *OURS_ALT_BF16.values(), *ctx.ours_int8)
+        for v in (*OURS_ALT.values(), *OURS_ALT_BF16.values(), *ctx.ours_int8, *ctx.ours_graphs)
         if v in m.last
     }
-    for v in (*OURS_ALT_BF16.values(), *ctx.ours_int8):
+    for v in (*OURS_ALT_BF16.values(), *ctx.ours_int8, *ctx.ours_graphs):
         if v in per_variant:
             per_variant[v]["mask_iou_vs_fp32"] = step_iou(m.last[v], m.last[OURS])[0]
     return rows(
@@ -819,63 +823,84 @@ def case_store(ctx: Context) -> list[dict]:
 # ---- 5. peak memory of the step -------------------------------------------------------------
 
 
-def memory_worker(impl: str, ctx_size: str, ckpt: data.Checkpoint, device: str, images: int, threads: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.memory_worker",
-        "--impl",
-        impl,
-        "--version",
-        ckpt.version,
-        "--family",
-        ckpt.family,
-        "--checkpoint",
-        str(ckpt.path),
-        "--device",
-        device,
-        "--images",
-        str(images),
-        "--threads",
-        str(threads),
-    ]
+def write_step_inputs(path: Path, count: int) -> Path:
+    """The memory case's images and detections as arrays (no pickle), for ``memory_worker.read_inputs``."""
+    images, dets = data.step_inputs(count)
+    arrays: dict[str, np.ndarray] = {"count": np.asarray(count)}
+    for i, (image, d) in enumerate(zip(images, dets)):
+        arrays.update({f"image{i}": image, f"xyxy{i}": d.xyxy, f"confidence{i}": d.confidence})
+        arrays.update({f"class_id{i}": d.class_id, f"class_name{i}": d.data["class_name"].astype(str)})
+        arrays[f"detection_id{i}"] = d.data["detection_id"].astype(str)
+    np.savez(path, **arrays)
+    return path
+
+
+def memory_worker(impl: str, ckpt: data.Checkpoint, device: str, inputs: Path, threads: int, **extra) -> dict:
+    """``benchmarks.memory_worker`` for one side in a fresh process; ``extra``: ``dtype``, ``graphs``."""
+    cmd = [sys.executable, "-m", "benchmarks.memory_worker", "--impl", impl, "--inputs", str(inputs)]
+    cmd += ["--version", ckpt.version, "--family", ckpt.family, "--checkpoint", str(ckpt.path)]
+    cmd += ["--device", device, "--threads", str(threads)]
+    for key, value in extra.items():
+        cmd += [f"--{key}", str(value)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory worker ({impl}, {ctx_size}) failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"memory worker ({impl}, {extra}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def case_memory(
-    size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log
+    size: str, ckpt: data.Checkpoint, device: torch.device, settings: Settings, threads: int, log, graphs: Path | None
 ) -> list[dict]:
-    """Peak resident memory of the step case, each side alone in a fresh process."""
+    """Peak resident memory of the step case, each side alone in a fresh process with its own imports.
+
+    Sides: ours (``Sam2Engine`` in float32, as the other float32 rows), the reference, and, on a CPU
+    with ``graphs`` (an export), ``GraphEngine`` in float32 and as ``dtype="auto"`` picks (no torch).
+    """
     n = settings.step_images
-    log(f"memory: step on {n} images, ours and the reference each in its own process")
-    res = {impl: memory_worker(impl, size, ckpt, str(device), n, threads) for impl in ("ours", "reference")}
+    log(f"memory: step on {n} images, each side in its own process")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = write_step_inputs(Path(tmp) / "inputs.npz", n)
+        res = {
+            OURS: memory_worker("ours", ckpt, str(device), inputs, threads),
+            REF: memory_worker("reference", ckpt, str(device), inputs, threads),
+        }
+        if graphs is not None and device.type == "cpu":
+            res[OURS_GRAPHS] = memory_worker("graphs", ckpt, "cpu", inputs, threads, graphs=graphs)
+            auto = memory_worker("graphs", ckpt, "cpu", inputs, threads, graphs=graphs, dtype="auto")
+            if (auto["dtype"], auto["quantize"]) != ("float32", "none"):
+                res[OURS_GRAPHS_AUTO] = auto
 
     def mib(r: dict) -> float:
         return r["peak_rss_mib"]
 
+    ref = res[REF]
     out = [
         {
             "size": size,
             "device": str(device),
             "config": f"step, {n} x 640x480, 10 boxes each",
-            "variant": OURS,
-            "ours": mib(res["ours"]),
-            "reference": mib(res["reference"]),
+            "variant": variant,
+            "ours": mib(r),
+            "reference": mib(ref),
             "unit": "MiB peak RSS",
-            "ratio": mib(res["reference"]) / mib(res["ours"]),
+            "ratio": mib(ref) / mib(r),
             "higher_is_better": False,
             "reference_mode": REF,
             "warmup": 0,
             "repeats": 1,
-            "after_load_mib": {k: v["after_load_rss_mib"] for k, v in res.items()},
-            "baseline_mib": {k: v["baseline_rss_mib"] for k, v in res.items()},
-            "samples": {k: [mib(v)] for k, v in res.items()},
+            "after_load_mib": {"ours": r["after_load_rss_mib"], "reference": ref["after_load_rss_mib"]},
+            "baseline_mib": {"ours": r["baseline_rss_mib"], "reference": ref["baseline_rss_mib"]},
+            "samples": {"ours": [mib(r)], "reference": [mib(ref)]},
+            "precision": {k: r[k] for k in ("dtype", "quantize", "backend") if k in r},
+            **({"torch_imported": r["torch_imported"]} if "torch_imported" in r else {}),
         }
+        for variant, r in res.items()
+        if variant != REF
     ]
     if device.type == "cuda":
-        out[0]["cuda_peak_allocated_mib"] = {k: v.get("cuda_peak_allocated_mib") for k, v in res.items()}
+        out[0]["cuda_peak_allocated_mib"] = {
+            "ours": res[OURS].get("cuda_peak_allocated_mib"),
+            "reference": ref.get("cuda_peak_allocated_mib"),
+        }
     return out

@@ -96,6 +96,36 @@ def load_ours(
     )
 
 
+def graphs_for(ckpt: Checkpoint, log) -> Path:
+    """``export_graphs`` of ``ckpt``, made once and kept under ``$SAM2FLOW_CACHE_DIR/graphs`` (named by
+    the checkpoint file's hash, the export format and the OpenVINO version)."""
+    import hashlib
+
+    import openvino as ov
+
+    from sam2flow import export_graphs
+    from sam2flow.engine.graph_engine import GRAPHS_FORMAT, MANIFEST
+    from sam2flow.engine.openvino_plugin import cache_root
+
+    h = hashlib.blake2b(digest_size=12)
+    with open(ckpt.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    h.update(f"|{GRAPHS_FORMAT}|{ov.get_version()}".encode())
+    directory = cache_root() / "graphs" / f"{ckpt.version}-{h.hexdigest()}"
+    if not (directory / MANIFEST).is_file():
+        log(f"{ckpt.version}: exporting the graphs GraphEngine runs (once; kept in {directory})")
+        export_graphs(directory, ckpt.version, ckpt.family, str(ckpt.path))
+    return directory
+
+
+def load_graphs(directory: Path, dtype: str):
+    """``GraphEngine`` on an export, its embedding cache off (every repeat does the full work)."""
+    from sam2flow import EmbeddingCache, GraphEngine
+
+    return GraphEngine(directory, dtype=dtype, cache=EmbeddingCache(max_entries=0))
+
+
 CALIBRATION_SEED = 900  # generated scenes the int8 row calibrates on: none of them is timed or checked
 
 

@@ -286,8 +286,11 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "4. **automatic**: seconds for one 1024×768 image, embedding included: `embed` + `generate_masks` vs "
         "`SAM2AutomaticMaskGenerator.generate` with the same settings (the reference's defaults, one crop); "
         "masks found by each in the notes.",
-        "5. **memory**: peak resident set size (VmHWM) of a fresh process that imports the same libraries, "
-        "loads the model and runs case 3 once; each side in its own process.",
+        "5. **memory**: peak resident set size (VmHWM) of a fresh process that imports what its side needs "
+        "(ours: sam2flow with torch and transformers; the reference: torch and Meta's `sam2`; `ours (graphs)`: "
+        "sam2flow's `GraphEngine`, OpenVINO and numpy, no torch), loads the model and runs case 3 once; each "
+        "side in its own process. `ours` runs in float32; `ours (graphs)` in float32 and `ours (graphs, auto)` "
+        'as `dtype="auto"` picks (bf16 where native, else int8 weights).',
         "6. **click**: milliseconds per click on an embedded 800×600 scene, 1 to 5 points per object (each click "
         "one more point, the previous prompt's low-res logits as mask input): ours through `sam2flow serve` in a "
         "process of its own, over HTTP on loopback (`POST /page/decode`: RLE, box and score back), vs "
@@ -314,6 +317,9 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         'activations too (`quantize="int8"`, calibrated on generated scenes that are never timed: '
         '`data.calibration_images`), at `dtype="auto"`. '
         "Both are against the reference in float32; the step notes their masks' IoU with our float32 ones. "
+        "`ours (graphs)` is `GraphEngine` (a CPU process without torch: the encoder and the prompt decoder as "
+        "exported OpenVINO graphs, numpy around them) in float32, `ours (graphs, auto)` the same at "
+        '`dtype="auto"`; both against the reference in float32. '
         "The click case's servers run what a server runs: torch (an interactive engine).",
         "",
         "## How to reproduce",

@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the 'ours (int8 weights)' and 'ours (int8)' rows (CPU, OpenVINO; quantised once, then cached)",
     )
     p.add_argument(
+        "--no-graphs",
+        action="store_true",
+        help="skip the 'ours (graphs)' rows (CPU: GraphEngine on exported OpenVINO graphs, exported once, then cached)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="add 'ours (compiled)' embed rows: torch.compile'd encoder at dtype=auto (compile time noted)",
@@ -269,6 +274,13 @@ def main(argv=None) -> int:
                     int8 = {}
                     if device.type == "cpu" and any(c in ("embed", "step") for c in timed) and not args.no_int8:
                         int8 = int8_engines(ckpt, d, log)
+                    graph_engines = {}
+                    if device.type == "cpu" and "step" in timed and not args.no_graphs:
+                        graphs = data.graphs_for(ckpt, log)
+                        graph_engines = {cases.OURS_GRAPHS: data.load_graphs(graphs, "float32")}
+                        auto = data.load_graphs(graphs, "auto")
+                        if (auto.dtype, auto.quantize) != ("float32", "none"):
+                            graph_engines[cases.OURS_GRAPHS_AUTO] = auto
                     compiled = None
                     if args.compile and "embed" in timed:
                         log(f"{size} on {d}: compiling our encoder (torch.compile, dtype auto)")
@@ -296,6 +308,7 @@ def main(argv=None) -> int:
                         ours_alt_bf16=alt_bf16,
                         exported=exported,
                         ours_int8=int8,
+                        ours_graphs=graph_engines,
                     )
                     for case in timed:
                         for e in getattr(cases, f"case_{case}")(ctx):
@@ -308,16 +321,30 @@ def main(argv=None) -> int:
                                 f"  {case} {key}: ours {report.fmt(e['ours'])} {e['unit']}, reference "
                                 f"{report.fmt(e['reference'])}, ratio {e['ratio']:.2f}x"
                             )
-                    del ctx, ours, ours_alt, alt_bf16, exported, ref_model, predictor, bf16, compiled, int8
+                    del (
+                        ctx,
+                        ours,
+                        ours_alt,
+                        alt_bf16,
+                        exported,
+                        ref_model,
+                        predictor,
+                        bf16,
+                        compiled,
+                        int8,
+                        graph_engines,
+                    )
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 if "memory" in args.cases:
-                    for e in cases.case_memory(size, ckpt, device, settings, args.threads, log):
-                        key = f"{d} {size} {e['config']}"
+                    graphs = data.graphs_for(ckpt, log) if device.type == "cpu" and not args.no_graphs else None
+                    for e in cases.case_memory(size, ckpt, device, settings, args.threads, log, graphs):
+                        suffix = "" if e["variant"] == cases.OURS else f" {e['variant']}"
+                        key = f"{d} {size} {e['config']}{suffix}"
                         results["memory"][key] = e
                         log(
-                            f"  memory {key}: ours {report.fmt(e['ours'])} MiB, "
+                            f"  memory {key}: {e['variant']} {report.fmt(e['ours'])} MiB, "
                             f"reference {report.fmt(e['reference'])} MiB"
                         )
     finally:
