@@ -184,6 +184,38 @@ def test_int8_weights_keep_the_guard(graphs, graph_engine, monkeypatch):
     _guard(small, graph_engine)
 
 
+def test_int8_weights_that_will_not_compile_fall_back_to_float(graphs, graph_engine, monkeypatch, caplog):
+    """Where the CPU plugin cannot compile the int8-weights encoder (seen with oneDNN capped to AVX2),
+    ``auto`` runs the float one and says so in one line; asked for by name, the error reaches the caller."""
+    import logging
+
+    import openvino
+
+    import sam2flow.engine.graph_engine as ge
+
+    real = openvino.Core.compile_model
+
+    def compile_model(self, model, device_name=None, config=None):
+        if config and "DYNAMIC_QUANTIZATION_GROUP_SIZE" in config:
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n\ncould not create a primitive")
+        return real(self, model, device_name, config)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", compile_model)
+    monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with caplog.at_level(logging.WARNING, logger="sam2flow.engine.graph_engine"):
+        engine = GraphEngine(graphs)
+    assert (engine.dtype, engine.quantize) == ("float32", "none")
+    lines = [r.getMessage() for r in caplog.records if r.name == "sam2flow.engine.graph_engine"]
+    assert len(lines) == 1 and "could not create a primitive" in lines[0] and "\n" not in lines[0], lines
+    image = random_image(120, 160, seed=5)
+    boxes = np.array([[10, 10, 100, 90]], np.float32)
+    a = engine.predict(engine.embed([image])[0], boxes=boxes)
+    b = graph_engine.predict(graph_engine.embed([image])[0], boxes=boxes)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    with pytest.raises(ge.OpenVINOError, match="could not compile"):
+        GraphEngine(graphs, quantize="int8-weights")
+
+
 def _guard(engine: GraphEngine, reference: GraphEngine) -> None:
     ious = []
     for seed, hw in ((41, (300, 400)), (42, (480, 640))):

@@ -15,6 +15,7 @@ import pytest
 from sam2flow.engine.automatic import AutomaticResult
 from sam2flow.engine.cache import content_hash
 from sam2flow.engine.engine import Sam2Engine
+from sam2flow.engine.graph_engine import GraphEngine, GraphPool
 from sam2flow.engine.pool import EnginePool
 from sam2flow.engine.types import (
     EngineProvider,
@@ -58,12 +59,12 @@ def honours(cls, protocol) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("cls", [Sam2Engine, BatchedEngine, RemoteEngine])
+@pytest.mark.parametrize("cls", [Sam2Engine, GraphEngine, BatchedEngine, RemoteEngine])
 def test_engines_honour_the_segmenting_engine_protocol(cls):
     assert honours(cls, SegmentingEngine) == []
 
 
-@pytest.mark.parametrize("cls", [EnginePool, ServerState, RemotePool])
+@pytest.mark.parametrize("cls", [EnginePool, GraphPool, ServerState, RemotePool])
 def test_providers_honour_the_engine_provider_protocol(cls):
     assert honours(cls, EngineProvider) == []
 

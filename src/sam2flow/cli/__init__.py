@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engine.openvino_plugin import OpenVINOError
 from . import batch, embed, graphs, offline, run_workflow, segment, serve
 from .common import Parser
 from .run_workflow import parse_inputs
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, OpenVINOError) as e:
         message = " ".join(str(e).split())
         print(f"sam2flow: error: {message}", file=sys.stderr)
         return 1

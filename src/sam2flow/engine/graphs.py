@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,10 @@ def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: b
         shapes.append(ov.PartialShape([-1, 1, LOW_RES, LOW_RES]))
     name = decoder_name(multimask_output, mask_prompts)
     try:
-        with torch.no_grad():
+        # The trace keeps the branches its three prompts take (one image shared by every prompt, unless
+        # mask prompts give each its own): right for any N, and the check below runs N = 2.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             want = module(*example)
             model = ov.convert_model(module, example_input=example, input=shapes)
         for port, key in zip(model.inputs, DECODER_INPUTS + ("masks",)):
