@@ -200,6 +200,8 @@ def rows(
         *OURS_ALT_BF16.values(),
         OURS_INT8W,
         OURS_INT8,
+        OURS_GRAPHS,
+        OURS_GRAPHS_AUTO,
         ORT_META,
         OV_META,
         OV_META_BF16,
