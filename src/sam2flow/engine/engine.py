@@ -26,7 +26,7 @@ from .decoder import decode, image_rows, prompted_image, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
-from .prompts import Prompt, PromptArrays, group_prompts, prompt_arrays
+from .prompts import Prompt, PromptArrays, group_prompts, prompt_arrays, prompt_points
 from .threads import ComputeThread, compute_thread
 from .types import (  # declared there, importable from here as before
     LOW_RES,
@@ -458,17 +458,11 @@ class Sam2Engine:
     def _decode_low_res(
         self, emb: ImageEmbedding, prompts: PromptArrays, multimask_output: bool, best_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        coords, labels = [], []
-        if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
-            coords.append(torch.from_numpy(prompts.boxes).view(-1, 2, 2))
-            labels.append(torch.tensor([[2, 3]], dtype=torch.int32).expand(prompts.count, 2))
-        if prompts.points is not None:
-            coords.append(torch.from_numpy(prompts.points))
-            labels.append(torch.from_numpy(prompts.labels))
+        coords, labels = prompt_points(prompts)
         dev = self.device
         with self._decode_first.decoding(), self._decode_lock, torch.inference_mode():
-            xy = T.to_input_frame(torch.cat(coords, 1).to(dev), emb.original_size, self.input_size)
-            lab = torch.cat(labels, 1).to(dev)
+            xy = T.to_input_frame(torch.from_numpy(coords).to(dev), emb.original_size, self.input_size)
+            lab = torch.from_numpy(labels).to(dev)
             mask = torch.from_numpy(prompts.mask_input).to(dev) if prompts.mask_input is not None else None
             if not self.fused_decoder:
                 # One prompt per batch row (batch N, point batch 1): mask prompts line up with rows.

@@ -34,7 +34,7 @@ from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .cpu import cpu_bf16, cpu_flags
 from .openvino_plugin import OpenVINOError, cache_root, compile_config, compiled_cache_dir, one_line
-from .prompts import group_prompts, prompt_arrays
+from .prompts import group_prompts, prompt_arrays, prompt_points
 from .types import LOW_RES, AutomaticConfig, Prediction, Prompt, PromptArrays
 
 log = logging.getLogger(__name__)
@@ -264,15 +264,8 @@ class GraphEngine:
 
     def _decode(self, emb: GraphEmbedding, prompts: PromptArrays, multimask_output: bool):
         """Low-resolution logits (N, 256, 256) and predicted IoU (N,) of the best candidate per prompt."""
-        coords, labels = [], []
-        if prompts.boxes is not None:  # a box is two corner points labelled 2 and 3, ahead of clicks
-            coords.append(prompts.boxes.reshape(-1, 2, 2))
-            labels.append(np.tile(np.array([[2, 3]], np.int32), (prompts.count, 1)))
-        if prompts.points is not None:
-            coords.append(prompts.points)
-            labels.append(prompts.labels.astype(np.int32))
-        xy = T.to_input_frame(np.concatenate(coords, 1).astype(np.float32), emb.original_size, self.input_size)
-        lab = np.concatenate(labels, 1).astype(np.int32)
+        coords, lab = prompt_points(prompts)
+        xy = T.to_input_frame(coords, emb.original_size, self.input_size)
         mask = prompts.mask_input
         lows, ious = [], []
         with self._lock:

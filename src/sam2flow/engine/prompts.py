@@ -23,6 +23,7 @@ __all__ = [
     "check_points",
     "group_prompts",
     "prompt_arrays",
+    "prompt_points",
 ]
 
 
@@ -103,6 +104,21 @@ def prompt_arrays(boxes, points, point_labels, mask_input, image_hw: tuple[int, 
     n = len(b) if b is not None else len(p)
     m = check_mask_input(mask_input, n) if mask_input is not None and n else None
     return PromptArrays(b, p, lab, m)
+
+
+def prompt_points(prompts: PromptArrays) -> tuple[np.ndarray, np.ndarray]:
+    """The points the prompt encoder takes: coordinates (N, P, 2) float32 pixels and labels (N, P) int32.
+
+    A box is its two corners labelled 2 and 3, ahead of the clicks (labelled 1 / 0), as in SAM2.
+    """
+    coords, labels = [], []
+    if prompts.boxes is not None:
+        coords.append(prompts.boxes.reshape(-1, 2, 2))
+        labels.append(np.tile(np.array([[2, 3]], np.int32), (prompts.count, 1)))
+    if prompts.points is not None:
+        coords.append(prompts.points)
+        labels.append(prompts.labels)
+    return np.concatenate(coords, 1).astype(np.float32), np.concatenate(labels, 1).astype(np.int32)
 
 
 def _check_prompt(p: Prompt, image_hw: tuple[int, int]) -> PromptArrays:
