@@ -137,6 +137,21 @@ SERVER_MAX_REQUEST_PROMPTS = 40  # per request
 SERVER_MAX_PIXELS = 4_000_000
 
 
+def refuse_dynamic_quantization(monkeypatch) -> None:
+    """Make OpenVINO's CPU plugin refuse to compile with dynamic quantisation (int8 weights), as it does
+    with oneDNN capped to AVX2 on an AVX-512 CPU, with the plugin's multi-line message."""
+    import openvino
+
+    real = openvino.Core.compile_model
+
+    def compile_model(self, model, device_name=None, config=None):
+        if config and "DYNAMIC_QUANTIZATION_GROUP_SIZE" in config:
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n\ncould not create a primitive")
+        return real(self, model, device_name, config)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", compile_model)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,8 +18,8 @@ from sam2flow.engine.cpu import cpu_bf16, cpu_flags
 from sam2flow.formats import mask_iou
 from sam2flow.models.registry import get_spec
 
-from conftest import build_reference, random_image
-from test_parity import SCENES, assert_parity, reference_best, run_battery
+from conftest import build_reference, random_image, refuse_dynamic_quantization
+from test_parity import SCENES, run_battery, run_mask_input_battery
 from test_workflow_run import DEFINITION, DETECTIONS, IMAGES, expected
 
 # ---- the numpy maths against torch's ----------------------------------------------------------
@@ -83,21 +83,7 @@ def test_mask_prompts_equal_meta_predictor(graph_engine):
     """Low-resolution logits fed back (the click-to-refine loop), several prompts and one."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    predictor = SAM2ImagePredictor(build_reference(get_spec("hiera_tiny", "sam2.1")))
-    image = random_image(300, 400, seed=3)
-    predictor.set_image(image)
-    emb = graph_engine.embed([image])[0]
-    boxes = np.array([[20, 30, 200, 250], [150, 10, 390, 290]], np.float32)
-    first = graph_engine.predict(emb, boxes=boxes)
-    ours = graph_engine.predict(emb, boxes=boxes, mask_input=first.low_res_logits, multimask_output=False)
-    ref = reference_best(predictor, box=boxes, mask_input=first.low_res_logits[:, None], multimask_output=False)
-    assert_parity(ours, ref)
-    click = {"point_coords": np.array([[100, 140], [60, 40]], np.float32), "point_labels": np.array([1, 0])}
-    ours = graph_engine.predict(
-        emb, points=click["point_coords"][None], point_labels=click["point_labels"][None],
-        mask_input=first.low_res_logits[:1], multimask_output=True,
-    )  # fmt: skip
-    assert_parity(ours, reference_best(predictor, **click, mask_input=first.low_res_logits[:1]))
+    run_mask_input_battery(graph_engine, SAM2ImagePredictor(build_reference(get_spec("hiera_tiny", "sam2.1"))))
 
 
 def test_many_prompts_of_mixed_shapes_equal_sam2engine(graph_engine, tiny_engine):
@@ -189,18 +175,9 @@ def test_int8_weights_that_will_not_compile_fall_back_to_float(graphs, graph_eng
     ``auto`` runs the float one and says so in one line; asked for by name, the error reaches the caller."""
     import logging
 
-    import openvino
-
     import sam2flow.engine.graph_engine as ge
 
-    real = openvino.Core.compile_model
-
-    def compile_model(self, model, device_name=None, config=None):
-        if config and "DYNAMIC_QUANTIZATION_GROUP_SIZE" in config:
-            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n\ncould not create a primitive")
-        return real(self, model, device_name, config)
-
-    monkeypatch.setattr(openvino.Core, "compile_model", compile_model)
+    refuse_dynamic_quantization(monkeypatch)
     monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     with caplog.at_level(logging.WARNING, logger="sam2flow.engine.graph_engine"):
         engine = GraphEngine(graphs)

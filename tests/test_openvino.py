@@ -30,7 +30,7 @@ from sam2flow.engine.precision import resolve_quantize
 from sam2flow.formats import rle_to_mask
 from sam2flow.server.settings import ServerSettings
 
-from conftest import build_reference, mask_iou, random_image, start_server, stop_server
+from conftest import build_reference, mask_iou, random_image, refuse_dynamic_quantization, start_server, stop_server
 from test_parity import SCENES, run_battery
 
 pytest.importorskip("openvino")
@@ -166,18 +166,9 @@ def test_an_int8_encoder_that_will_not_compile_falls_back_to_float_openvino(
     the dynamically quantised layers), the engine runs the float encoder on OpenVINO, not torch, and says
     so in one line."""
     pytest.importorskip("nncf")
-    import openvino
-
     from sam2flow.engine import precision
 
-    real = openvino.Core.compile_model
-
-    def compile_model(self, model, device_name=None, config=None):
-        if config and "DYNAMIC_QUANTIZATION_GROUP_SIZE" in config:
-            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n\ncould not create a primitive")
-        return real(self, model, device_name, config)
-
-    monkeypatch.setattr(openvino.Core, "compile_model", compile_model)
+    refuse_dynamic_quantization(monkeypatch)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no bf16: auto is float32
     with caplog.at_level(logging.WARNING, logger="sam2flow.engine.engine"):
         engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino")

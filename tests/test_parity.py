@@ -103,15 +103,20 @@ def test_tiny_parity(make_checkpoint, family, scene):
 
 def test_mask_input_parity(make_checkpoint):
     """Feeding back low-resolution logits (the click-to-refine loop) matches the reference."""
-    engine, predictor = make_pair(make_checkpoint, "hiera_tiny", "sam2.1")
+    run_mask_input_battery(*make_pair(make_checkpoint, "hiera_tiny", "sam2.1"))
+
+
+def run_mask_input_battery(engine, predictor):
+    """Low-resolution logits fed back for two boxes, then for one click prompt, against the reference."""
     image = random_image(300, 400, seed=3)
     predictor.set_image(image)
     emb = engine.embed([image])[0]
     boxes = np.array([[20, 30, 200, 250], [150, 10, 390, 290]], np.float32)
     first = engine.predict(emb, boxes=boxes)
-    ours = engine.predict(emb, boxes=boxes, mask_input=first.low_res_logits, multimask_output=False)
-    ref = reference_best(predictor, box=boxes, mask_input=first.low_res_logits[:, None], multimask_output=False)
-    assert_parity(ours, ref)
+    for multimask in (False, True):
+        ours = engine.predict(emb, boxes=boxes, mask_input=first.low_res_logits, multimask_output=multimask)
+        mask_input = first.low_res_logits[:, None]
+        assert_parity(ours, reference_best(predictor, box=boxes, mask_input=mask_input, multimask_output=multimask))
     # One prompt (a click refining an object: its own fast path) with a positive and a negative point.
     click = {"point_coords": np.array([[100, 140], [60, 40]], np.float32), "point_labels": np.array([1, 0])}
     ours = engine.predict(
