@@ -334,6 +334,7 @@ def case_decode(ctx: Context) -> list[dict]:
     for (h, w), seed in (((480, 640), 500), ((1080, 1920), 501)):
         sc = data.scene(seed, (h, w))
         emb = ctx.ours.embed([sc.image])[0]
+        graph_embs = {name: g.embed([sc.image])[0] for name, g in ctx.ours_graphs.items()}
         with torch.inference_mode():
             ctx.predictor.set_image(sc.image)
         for n in (10, 100):
@@ -341,6 +342,8 @@ def case_decode(ctx: Context) -> list[dict]:
             fns = ctx.competitors(
                 lambda b=boxes, e=emb: ctx.ours.predict(e, boxes=b), lambda b=boxes: reference_decode(ctx.predictor, b)
             )
+            for name, g in ctx.ours_graphs.items():  # GraphEngine's decoder on OpenVINO
+                fns[name] = lambda b=boxes, g=g, e=graph_embs[name]: g.predict(e, boxes=b)
             warmup = s.decode_warmup if n == 10 else 0
             repeats = s.decode_repeats if n == 10 else s.decode_repeats_100
             ctx.log(f"decode: {w}x{h}, {n} boxes, {warmup} warm-up + {repeats} repeats")

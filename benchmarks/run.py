@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                     if device.type == "cpu" and any(c in ("embed", "step") for c in timed) and not args.no_int8:
                         int8 = int8_engines(ckpt, d, log)
                     graph_engines = {}
-                    if device.type == "cpu" and "step" in timed and not args.no_graphs:
+                    if device.type == "cpu" and any(c in ("decode", "step") for c in timed) and not args.no_graphs:
                         graphs = data.graphs_for(ckpt, log)
                         graph_engines = {cases.OURS_GRAPHS: data.load_graphs(graphs, "float32")}
                         auto = data.load_graphs(graphs, "auto")
