@@ -255,3 +255,47 @@ def test_sam2engine_is_unchanged_by_the_split(tiny_engine):
     with pytest.raises(ValueError, match="point_labels were given without points"):
         tiny_engine.predict(emb, point_labels=[[1]])
     assert isinstance(tiny_engine, Sam2Engine)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def test_cli_exports_and_runs_batch_and_workflow_on_graphs(tiny_checkpoint, tiny_engine, tmp_path, capsys):
+    """``export-graphs``, then ``batch --graphs`` and ``run-workflow --graphs``: the masks of ``Sam2Engine``;
+    what ``--graphs`` cannot do is one line on stderr and exit status 1."""
+    from PIL import Image
+
+    from sam2flow.cli import main
+    from sam2flow.formats import predictions_to_detections, rle_to_mask
+
+    graphs = tmp_path / "graphs"
+    assert main(["export-graphs", str(graphs), "--checkpoint", str(tiny_checkpoint), "--no-int8-weights"]) == 0
+    assert capsys.readouterr().out.strip() == str(graphs)
+    images, boxes = tmp_path / "images", tmp_path / "boxes"
+    images.mkdir(), boxes.mkdir()
+    for i, (image, dets) in enumerate(zip(IMAGES, DETECTIONS)):
+        Image.fromarray(image).save(images / f"im{i}.png")
+        (boxes / f"im{i}.json").write_text(json.dumps(dets))
+    out = tmp_path / "out.jsonl"
+    args = ["--graphs", str(graphs), "--dtype", "float32"]
+    assert main(["batch", str(images), "--out", str(out), "--boxes", str(boxes), *args]) == 0
+    records = {r["file"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for i, (image, dets) in enumerate(zip(IMAGES, DETECTIONS)):
+        got = [rle_to_mask(p["rle"]) for p in records[f"im{i}.png"]["predictions"]]
+        want = expected(tiny_engine, image, dets).masks
+        assert len(got) == len(want) and min(mask_iou(a, b) for a, b in zip(got, want)) >= 0.999
+    (tmp_path / "wf.json").write_text(json.dumps(DEFINITION))
+    wf = ["run-workflow", str(tmp_path / "wf.json"), "--input", f"image={images / 'im1.png'}"]
+    wf += ["--input", f"detections=@{boxes / 'im1.json'}", "--format", "rle", *args]
+    capsys.readouterr()
+    assert main(wf) == 0
+    payload = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert predictions_to_detections(payload).data["parent_id"].tolist() == ["k1"]
+    for bad, message in (
+        (["batch", str(images), "--out", str(tmp_path / "o.jsonl"), "--store", str(tmp_path / "s"), *args], "--store"),
+        ([*wf[:-2], "--graphs", str(tmp_path / "nowhere")], "no graph export at"),
+        ([*wf[:-1], "float16"], "unknown dtype 'float16'"),
+    ):
+        assert main(bad) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from .common import (
     add_cleanup_args,
+    add_graphs_arg,
     add_model_args,
     add_ray_args,
     add_store_args,
     engine_args,
     for_remote_workers,
+    graph_engine,
     open_store,
     step_parameters,
 )
@@ -39,6 +42,7 @@ def add_parser(sub) -> None:
     )
     add_ray_args(bat)
     add_store_args(bat)
+    add_graphs_arg(bat)
     bat.set_defaults(run=run)
 
 
@@ -49,24 +53,27 @@ def run(args) -> int:
         raise ValueError("--batch-size must be >= 1")
     config = AutomaticConfig(points_per_side=args.points_per_side)
     if args.ray:
+        if args.graphs is not None:
+            raise ValueError("--graphs runs in this process: leave out --ray")
         return _run_ray(args, config)
-    from ..engine.engine import Sam2Engine
     from ..scale.batch import run_batch
 
     if args.out.suffix != ".jsonl":
         raise ValueError(f"--out {args.out} must end in .jsonl")
-    engine = Sam2Engine.from_pretrained(
-        **engine_args(args, max_batch_size=args.batch_size, store=open_store(args.store, args.store_write))
-    )
+    params = step_parameters(args)
+    if args.graphs is not None:  # no torch in this process
+        if args.store is not None:
+            raise ValueError("--graphs keeps no embedding store: leave out --store")
+        engine, batch_size = graph_engine(args), args.batch_size or 1
+        params = dataclasses.replace(params, version=engine.version)
+    else:
+        from ..engine.engine import Sam2Engine
+
+        store = open_store(args.store, args.store_write)
+        engine = Sam2Engine.from_pretrained(**engine_args(args, max_batch_size=args.batch_size, store=store))
+        batch_size = engine.max_batch_size
     summary = run_batch(
-        engine,
-        args.input,
-        args.out,
-        args.boxes,
-        args.format,
-        engine.max_batch_size,
-        step_parameters(args),
-        automatic_config=config,
+        engine, args.input, args.out, args.boxes, args.format, batch_size, params, automatic_config=config
     )
     return _summary(summary)
 

@@ -100,6 +100,23 @@ def add_backend_arg(p: argparse.ArgumentParser, default: str | None = "auto") ->
     )
 
 
+def add_graphs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--graphs",
+        type=Path,
+        metavar="DIR",
+        help="run on exported OpenVINO graphs (sam2flow export-graphs) without torch: the export's version "
+        "and weights; --dtype auto, float32 or bfloat16; --quantize auto, none or int8-weights",
+    )
+
+
+def graph_engine(args):
+    """``GraphEngine`` on ``--graphs`` with ``--dtype`` and ``--quantize``."""
+    from ..engine.graph_engine import GraphEngine
+
+    return GraphEngine(args.graphs, dtype=args.dtype, quantize=args.quantize)
+
+
 def add_ray_args(p: argparse.ArgumentParser, what: str = "model") -> None:
     """``--ray`` and how the job spreads over the cluster: the actors of ``batch --ray`` and ``embed --ray``."""
     p.add_argument(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..engine.options import DTYPE_CHOICES
 from ..models.registry import DEFAULT_FAMILY, DEFAULT_VERSION, FAMILIES
-from .common import add_backend_arg, add_quantize_args, calibration_images
+from .common import add_backend_arg, add_graphs_arg, add_quantize_args, calibration_images, graph_engine
 
 
 def add_parser(sub) -> None:
@@ -39,13 +39,7 @@ def add_parser(sub) -> None:
     )
     add_backend_arg(run_)
     add_quantize_args(run_)
-    run_.add_argument(
-        "--graphs",
-        type=Path,
-        metavar="DIR",
-        help="run the step on exported OpenVINO graphs (sam2flow export-graphs), without torch; "
-        "--dtype auto, float32 or bfloat16",
-    )
+    add_graphs_arg(run_)
     run_.add_argument("--format", choices=("json", "rle"), default="json", help="mask format in the output")
     run_.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     run_.add_argument(
@@ -98,10 +92,7 @@ def run(args) -> int:
     if args.remote or os.environ.get("SAM2FLOW_REMOTE_URL"):
         results = run_workflow(definition, inputs, execution="remote", api_url=args.remote)
     elif args.graphs is not None:
-        from ..engine.graph_engine import GraphEngine
-
-        engine = GraphEngine(args.graphs, dtype=args.dtype, quantize=args.quantize)
-        results = run_workflow(definition, inputs, engine)
+        results = run_workflow(definition, inputs, graph_engine(args))
     else:
         from ..engine.pool import EnginePool
 
