@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+# Before anything loads torch: ``sam2flow.engine`` sets libgomp's wait policy on import (engine/threads.py).
+from . import engine as engine
+
 # name → the module that defines it (one home each)
 _EXPORTS = {
     "Sam2Engine": "sam2flow.engine.engine",
