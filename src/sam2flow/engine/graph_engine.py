@@ -139,9 +139,6 @@ class GraphEngine:
         self.low_memory = low_memory
         self.cache = cache if cache is not None else EmbeddingCache()
         self._hint = "bf16" if bf16 else "f32"
-        quant = "" if quantize == "none" else f"|{quantize}"
-        # the same model id scheme as Sam2Engine's: version, backend, precision, device, weights
-        self.model_id = f"{self.version}|{self.backend}|{self.dtype}|cpu|{self.manifest['weights']}{quant}"
         try:
             import openvino as ov
         except ImportError as e:
@@ -155,8 +152,10 @@ class GraphEngine:
             # int8 weights the CPU plugin cannot compile (seen with oneDNN capped below AVX-512): float
             log.warning("int8-weights encoder unavailable, running the float encoder instead: %s", e)
             self.quantize = "none"
-            self.model_id = self.model_id.removesuffix("|int8-weights")
             self._encoder = self._compile_encoder()
+        quant = "" if self.quantize == "none" else f"|{self.quantize}"
+        # the same model id scheme as Sam2Engine's: version, backend, precision, device, weights
+        self.model_id = f"{self.version}|{self.backend}|{self.dtype}|cpu|{self.manifest['weights']}{quant}"
         self._decoders: dict[str, object] = {}  # compiled on first use
         self._lock = threading.Lock()  # one graph runs at a time: each uses every core
         self._holding: object | None = None  # the compiled graph whose buffers are allocated
