@@ -75,11 +75,12 @@ def _tokens_to_image(attn, q: torch.Tensor, x: torch.Tensor, xp: torch.Tensor) -
     return attn.o_proj(_merge(out))
 
 
-def _image_to_tokens(attn, x, xp, k, v, q_img=None) -> torch.Tensor:
+def _image_to_tokens(attn, x, xp, k, v, q_img=None, owned=False) -> torch.Tensor:
     """x + attention of image tokens x (N or 1, L, C) (queries xp = x + positions) to tokens k, v (N, T, C).
 
     Returns (N, L, C), the residual sum included. ``q_img`` (heads, L, d): the image side's query
-    projection, when x is one image shared by all prompts.
+    projection, when x is one image shared by all prompts. ``owned``: x (N, L, C) is the caller's
+    scratch, so the sum is written into it (no copy of the image tokens).
     """
     n, t, c = k.shape
     h = attn.num_attention_heads
@@ -95,7 +96,8 @@ def _image_to_tokens(attn, x, xp, k, v, q_img=None) -> torch.Tensor:
     # per head, so the output bias rides along as bias / heads.
     u = torch.einsum("nhtd,chd->nhtc", _heads(attn.v_proj(v), h), attn.o_proj.weight.view(c, h, -1))
     u = (u + attn.o_proj.bias / h).to(x.dtype)
-    return torch.baddbmm(x.expand(n, -1, -1), p.reshape(n, h * t, -1).transpose(1, 2), u.reshape(n, h * t, c))
+    p, u = p.reshape(n, h * t, -1).transpose(1, 2), u.reshape(n, h * t, c)
+    return x.baddbmm_(p, u) if owned and x.shape[0] == n else torch.baddbmm(x.expand(n, -1, -1), p, u)
 
 
 def _first_layer_image_side(layer, image: torch.Tensor, pos: torch.Tensor):
@@ -133,7 +135,7 @@ def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tenso
             queries = queries + _tokens_to_image(t2i, queries + tokens, x, xp)
         queries = _ln(layer.layer_norm2, queries)
         queries = _ln(layer.layer_norm3, queries + layer.mlp(queries))
-        x = _ln(layer.layer_norm4, _image_to_tokens(i2t, x, xp, queries + tokens, queries, q_img))
+        x = _ln(layer.layer_norm4, _image_to_tokens(i2t, x, xp, queries + tokens, queries, q_img, x is not image))
         shared = False
     queries = queries + _tokens_to_image(tr.final_attn_token_to_image, queries + tokens, x, x + pos)
     return _ln(tr.layer_norm_final_attn, queries), x
@@ -166,24 +168,32 @@ def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
     return w1, add1, w2, add2
 
 
-def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor) -> torch.Tensor:
+def _upscaled_masks(decoder, x: torch.Tensor, operands, hyper: torch.Tensor, budget: int | None) -> torch.Tensor:
     """The upscaling path and the hypernetwork product: (N, L, C) image tokens → (N, K, 16·L) logits,
     pixels in sub-pixel order (``_raster`` puts them in image order).
 
     A stride-2, 2 × 2 transposed convolution maps each input pixel to its own 2 × 2 block, so it
     is one matmul per level in a "source pixel, then sub-pixel" order with channels last (the
-    layer norm then runs over contiguous channels). ``hyper`` (N, K, C/8); ``operands`` from
-    ``upscale_operands``.
+    layer norm then runs over contiguous channels). So each source pixel's 16 output pixels depend
+    on it alone, and the path runs as many source pixels at a time as keep its (N, 16·pixels, C/8)
+    activations within ``budget`` bytes (None: all at once). On a CPU that keeps them in cache and
+    under glibc's mmap threshold (32 MB), past which every allocation is fresh pages: for 4 prompts
+    in float32 they are 33.5 MB. ``hyper`` (N, K, C/8); ``operands`` from ``upscale_operands``.
     """
     n, l, _ = x.shape
     w1, add1, w2, add2 = operands
     c1, c2 = w2.shape[0], w2.shape[1] // 4
+    block = l if budget is None else max(1, min(l, budget // (n * 16 * c2 * x.element_size())))
     norm = decoder.upscale_layer_norm
-    y = torch.baddbmm(add1.expand(n, -1, -1), x, w1.expand(n, -1, -1)).view(n, 4 * l, c1)
-    y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-    y = torch.baddbmm(add2.expand(n, -1, -1), y, w2.expand(n, -1, -1)).view(n, 16 * l, c2)
-    y = decoder.activation(y)
-    return torch.bmm(hyper.to(y.dtype), y.transpose(1, 2))
+    hyper, w1, w2 = hyper.to(x.dtype), w1.expand(n, -1, -1), w2.expand(n, -1, -1)
+    parts = []
+    for i in range(0, l, block):
+        b = min(block, l - i)
+        y = torch.baddbmm(add1[i : i + b].expand(n, -1, -1), x[:, i : i + b], w1).view(n, 4 * b, c1)
+        y = decoder.activation(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+        y = torch.baddbmm(add2[4 * i : 4 * (i + b)].expand(n, -1, -1), y, w2).view(n, 16 * b, c2)
+        parts.append(torch.bmm(hyper, decoder.activation(y).transpose(1, 2)))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def _raster(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -254,6 +264,7 @@ def decode(
     multimask_output: bool,
     chunk: int = 8,
     best_only: bool = False,
+    upscale_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (N, K, 4H, 4W) and predicted IoU (N, K) for N prompts of one image.
 
@@ -282,7 +293,7 @@ def decode(
         hyper = torch.stack([mlp(mask_tokens[:, k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
         iou = decoder.iou_prediction_head(queries[:, 1])
         hyper, iou = _candidates(decoder, hyper, iou, multimask_output, best_only)
-        parts.append((_upscaled_masks(decoder, x, operands, hyper), iou))
+        parts.append((_upscaled_masks(decoder, x, operands, hyper, upscale_budget), iou))
     masks, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if not multimask_output and decoder.dynamic_multimask_via_stability:
         n, k, _ = masks.shape  # k = 2: the single mask, then the best of the three others
