@@ -87,14 +87,21 @@ def to_input_frame(coords: torch.Tensor, original_hw: tuple[int, int], size: int
     return out * size
 
 
-def upsample_masks(low_res: torch.Tensor, original_hw: tuple[int, int], max_elements: int = 1 << 25) -> torch.Tensor:
-    """Low-resolution logits (N, 256, 256) → boolean masks (N, H, W), in chunks to bound memory."""
+def upsample_masks(
+    low_res: torch.Tensor, original_hw: tuple[int, int], max_elements: int | None = None
+) -> torch.Tensor:
+    """Low-resolution logits (N, 256, 256) → boolean masks (N, H, W), in chunks of at most
+    ``max_elements`` upsampled logits. By default 2^20 on a CPU (4 MB: clear of glibc's fresh pages
+    for blocks over 32 MB; 100 masks on a 2-core Xeon: 38 vs 93 ms at 640x480, 279 vs 554 at
+    1920x1080 with 2^25), 2^25 on accelerators."""
     import torch
     import torch.nn.functional as F
 
     n = low_res.shape[0]
     h, w = original_hw
     out = torch.empty((n, h, w), dtype=torch.bool, device=low_res.device)
+    if max_elements is None:
+        max_elements = 1 << 20 if low_res.device.type == "cpu" else 1 << 25
     step = max(1, max_elements // max(1, h * w))
     for start in range(0, n, step):
         chunk = low_res[start : start + step, None].float()
