@@ -66,6 +66,7 @@ def test_export_writes_every_graph_and_its_manifest(graphs):
     assert set(manifest["encoders"]) == {"none", "int8-weights"}
     for file in [*manifest["encoders"].values(), *manifest["decoders"].values()]:
         assert (graphs / file).is_file() and (graphs / file).with_suffix(".bin").stat().st_size > 1 << 20
+    assert manifest["image_prep"] == "image-prep.xml" and (graphs / "image-prep.bin").is_file()
 
 
 @pytest.mark.parametrize("scene", list(SCENES))
@@ -220,6 +221,10 @@ def test_bad_exports_and_calls_are_clear_errors(graphs, graph_engine, tiny_engin
         GraphEngine(broken)
     (broken / "sam2flow-graphs.json").write_text(json.dumps(manifest))  # files not copied
     with pytest.raises(ValueError, match=r"encoder 'none' \(encoder/piece0.xml\) is missing"):
+        GraphEngine(broken)
+    for name in ("encoder", "encoder-int8-weights"):
+        (broken / name).symlink_to(graphs / name)
+    with pytest.raises(ValueError, match=r"graph 'image-prep' \(image-prep.xml\) is missing"):
         GraphEngine(broken)
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         GraphEngine(graphs, dtype="float16")

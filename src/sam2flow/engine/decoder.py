@@ -154,17 +154,28 @@ def _sub_pixels(feat: torch.Tensor, levels: int) -> torch.Tensor:
     return f.permute(order).reshape(-1, c)
 
 
-def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
-    """Per image: both transposed convolutions as (in, a·b·out) matrices, and what each adds
-    (the high-resolution features plus the bias) in sub-pixel row order (~12 MB for one image)."""
-    s0, s1 = high_res
-    c, l = decoder.upscale_conv1.in_channels, s1.shape[1] * s1.shape[2] // 4
+def upscale_weights(decoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both transposed convolutions as (in, a·b·out) matrices: (256, 4·64) and (64, 4·32)."""
     conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
-    c1, c2 = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * c1)
-    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * c2)
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * conv1.out_channels)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.in_channels, 4 * conv2.out_channels)
+    return w1, w2
+
+
+def upscale_addends(decoder, high_res) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: what each upscaling level adds (the high-resolution features plus the bias) in
+    sub-pixel row order, (L, 4·64) and (4·L, 4·32) for L image tokens (~12 MB for one image)."""
+    s0, s1 = high_res
+    l = s1.shape[1] * s1.shape[2] // 4
+    conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
+    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * conv1.out_channels)
+    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * conv2.out_channels)
+    return add1, add2
+
+
+def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
+    """``(w1, add1, w2, add2)``: ``upscale_weights`` and this image's ``upscale_addends``."""
+    (w1, w2), (add1, add2) = upscale_weights(decoder), upscale_addends(decoder, high_res)
     return w1, add1, w2, add2
 
 

@@ -6,20 +6,23 @@
   high-resolution features) as ``OpenVINOEncoder`` converts it: the same IR, checked against torch;
 - ``encoder-int8-weights/`` the same with int8 weights (NNCF), what ``dtype="auto"`` runs on a CPU
   without native bf16, when it compiles and passes its check (else left out, with a logged line);
+- ``image-prep.xml`` the decoder's per-image inputs, made once per image: ``image_embed``
+  (256, 64, 64), ``s0`` (32, 256, 256), ``s1`` (64, 128, 128) → ``rows`` (4096, 256), the image
+  tokens, and ``add1`` (4096, 256) / ``add2`` (16384, 128), what each upscaling level adds
+  (``decoder.image_rows``, ``decoder.upscale_operands``);
 - ``decoder-{multi,single}[-mask].xml`` the prompt encoder and the fused mask decoder
   (``engine/decoder.py``) for N prompts of one image, with and without ``multimask_output``, with and
-  without mask prompts. Inputs: ``image_embed`` (256, 64, 64), ``s0`` (32, 256, 256), ``s1``
-  (64, 128, 128), ``coords`` (N, P, 2) float32 in the 1024 input frame, ``labels`` (N, P) int32 (2, 3
-  for a box's corners, 1/0 for clicks) and, for ``-mask``, ``masks`` (N, 1, 256, 256) logits.
-  Outputs: the best candidate's low-resolution logits (N, 1, 256, 256) and predicted IoU (N, 1), as
-  ``Sam2Engine`` selects them (best of three, or SAM2's stability fall-back for a single mask).
-  N and P are dynamic;
+  without mask prompts. Inputs: ``rows``, ``add1``, ``add2`` (above), ``coords`` (N, P, 2) float32
+  in the 1024 input frame, ``labels`` (N, P) int32 (2, 3 for a box's corners, 1/0 for clicks) and,
+  for ``-mask``, ``masks`` (N, 1, 256, 256) logits. Outputs: the best candidate's low-resolution
+  logits (N, 1, 256, 256) and predicted IoU (N, 1), as ``Sam2Engine`` selects them (best of three,
+  or SAM2's stability fall-back for a single mask). N and P are dynamic;
 - ``sam2flow-graphs.json``: what the graphs are (version, family, sizes, the weights' fingerprint,
   the OpenVINO version, the files).
 
-Every decoder graph is checked against the torch decoder in float32 on one embedded image before it
-is kept (``OpenVINOError`` above 1e-3 of the logits' scale). Converting takes ~30 s for hiera_tiny,
-the int8 weights ~20 s more. The folder is written under a temporary name and renamed.
+The image-prep graph, and every decoder graph fed by it, is checked against torch in float32 on one
+embedded image before it is kept (``OpenVINOError`` above 1e-3 of the outputs' scale). Converting
+takes ~30 s for hiera_tiny, the int8 weights ~20 s more. The folder is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .decoder import decode, image_rows, prompted_image, upscale_operands
+from .decoder import decode, image_rows, prompted_image, upscale_addends, upscale_weights
 from .engine import Sam2Engine
 from .graph_engine import GRAPHS_FORMAT, MANIFEST, decoder_name
 from .openvino_encoder import Layout, _check_pixels, _quantize
@@ -45,7 +48,20 @@ from .types import LOW_RES
 
 log = logging.getLogger(__name__)
 
-DECODER_INPUTS = ("image_embed", "s0", "s1", "coords", "labels")
+IMAGE_INPUTS, IMAGE_OUTPUTS = ("image_embed", "s0", "s1"), ("rows", "add1", "add2")
+DECODER_INPUTS = (*IMAGE_OUTPUTS, "coords", "labels")
+IMAGE_PREP = "image-prep"
+
+
+class ImageGraph(nn.Module):
+    """The decoder's per-image inputs (``IMAGE_OUTPUTS``) from one image's features, float32."""
+
+    def __init__(self, engine: Sam2Engine):
+        super().__init__()
+        self.decoder = engine.model.mask_decoder
+
+    def forward(self, image_embed, s0, s1):
+        return (image_rows(image_embed, torch.float32), *upscale_addends(self.decoder, (s0, s1)))
 
 
 class DecoderGraph(nn.Module):
@@ -61,16 +77,18 @@ class DecoderGraph(nn.Module):
         self.multimask_output = multimask_output
         self.mask_prompts = mask_prompts
 
-    def forward(self, image_embed, s0, s1, coords, labels, masks=None):
+    def forward(self, rows, add1, add2, coords, labels, masks=None):
         sparse, _ = self.prompt_encoder(coords[:, None], labels[:, None], None, None)
-        image = prompted_image(image_rows(image_embed, torch.float32), self.prompt_encoder, masks)
-        operands = upscale_operands(self.decoder, (s0, s1))
+        image = prompted_image(rows, self.prompt_encoder, masks)
+        w1, w2 = upscale_weights(self.decoder)
+        operands = (w1, add1, w2, add2)
         # every prompt in one chunk: the caller bounds N (a traced loop over chunks would fix N)
         return decode(self.decoder, image, self.pos, self.grid, sparse, operands, self.multimask_output, 1 << 30, True)
 
 
-def _example(engine: Sam2Engine, mask_prompts: bool) -> tuple[torch.Tensor, ...]:
-    """One embedded seeded image and three prompts (a box, a box with a click, a box with two), float32."""
+def _example(engine: Sam2Engine) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One embedded seeded image's features (``IMAGE_INPUTS``) and three prompts (a box, a box with a
+    click, a box with two: coords, labels, and mask logits for the ``-mask`` graphs), float32."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     emb = engine.embed([image], use_cache=False)[0]
@@ -78,45 +96,75 @@ def _example(engine: Sam2Engine, mask_prompts: bool) -> tuple[torch.Tensor, ...]
     coords = torch.cat([boxes.view(-1, 2, 2), torch.tensor([[[200.0, 170.0], [0.0, 0.0]]]).expand(3, 2, 2)], 1)
     coords = coords / torch.tensor([640.0, 480.0]) * engine.input_size
     labels = torch.tensor([[2, 3, 1, -1], [2, 3, 1, 0], [2, 3, 0, -1]], dtype=torch.int32)
-    out = [emb.image_embed.float(), *(f.float() for f in emb.high_res_feats), coords, labels]
-    if mask_prompts:
-        out.append(torch.from_numpy(rng.normal(0, 4, (3, 1, LOW_RES, LOW_RES)).astype(np.float32)))
-    return tuple(out)
+    masks = torch.from_numpy(rng.normal(0, 4, (3, 1, LOW_RES, LOW_RES)).astype(np.float32))
+    return (emb.image_embed.float(), *(f.float() for f in emb.high_res_feats)), (coords, labels, masks)
 
 
-def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool):
-    """One decoder graph, converted and checked against the torch module in float32."""
-    import openvino as ov
-
-    module = DecoderGraph(engine, multimask_output, mask_prompts).eval()
-    example = _example(engine, mask_prompts)
-    shapes = [ov.PartialShape(list(t.shape)) for t in example[:3]]
-    shapes += [ov.PartialShape([-1, -1, 2]), ov.PartialShape([-1, -1])]
-    if mask_prompts:
-        shapes.append(ov.PartialShape([-1, 1, LOW_RES, LOW_RES]))
-    name = decoder_name(multimask_output, mask_prompts)
-    try:
-        # The trace keeps the branches its three prompts take (one image shared by every prompt, unless
-        # mask prompts give each its own): right for any N, and the check below runs N = 2.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            want = module(*example)
-            model = ov.convert_model(module, example_input=example, input=shapes)
-        for port, key in zip(model.inputs, DECODER_INPUTS + ("masks",)):
-            port.get_tensor().set_names({key})
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        # checked on two prompts, not the three it was traced with: N must really be dynamic
-        got = compiled([t.numpy()[:2] if i >= 3 else t.numpy() for i, t in enumerate(example)])
-    except Exception as e:  # the converter's and plugin's own errors are of many types
-        raise OpenVINOError(f"OpenVINO could not convert the mask decoder ({name}): {one_line(e)}") from e
-    for what, w, g in zip(("logits", "IoU"), want, (got[0], got[1])):
-        w = w[:2].numpy()
+def _check(name: str, outputs: tuple[str, ...], want, got) -> None:
+    """OpenVINO's float32 outputs ``got`` against torch's ``want``: ``OpenVINOError`` past 1e-3 of their scale."""
+    for what, w, g in zip(outputs, want, got):
+        w = w.numpy()
         err = float(np.abs(w - g).max()) if w.shape == g.shape else float("inf")
         scale = max(1.0, float(np.abs(w).max()))
         if not err <= 1e-3 * scale:
             raise OpenVINOError(
                 f"OpenVINO's float32 {name} {what} differ from torch's by {err:.3g} (scale {scale:.3g})"
             )
+
+
+def _convert(module: nn.Module, name: str, example, shapes, inputs, outputs=()):
+    """``module`` traced on ``example`` and converted, its ports named; and torch's outputs on it."""
+    import openvino as ov
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            want = module(*example)
+            model = ov.convert_model(module, example_input=example, input=[ov.PartialShape(s) for s in shapes])
+        for port, key in zip(model.inputs, inputs):
+            port.get_tensor().set_names({key})
+        for port, key in zip(model.outputs, outputs):
+            port.get_tensor().set_names({key})
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    except Exception as e:  # the converter's and plugin's own errors are of many types
+        raise OpenVINOError(f"OpenVINO could not convert {name}: {one_line(e)}") from e
+    return model, compiled, want
+
+
+def _convert_image(engine: Sam2Engine, feats: tuple[torch.Tensor, ...]):
+    """The image-prep graph, checked; and its float32 outputs on ``feats`` (numpy)."""
+    model, compiled, want = _convert(
+        ImageGraph(engine).eval(), IMAGE_PREP, feats, [list(t.shape) for t in feats], IMAGE_INPUTS, IMAGE_OUTPUTS
+    )
+    got = tuple(compiled([t.numpy() for t in feats]).values())
+    _check(IMAGE_PREP, IMAGE_OUTPUTS, want, got)
+    return model, got
+
+
+def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool, feats, prompts, prepared):
+    """One decoder graph, converted and checked in float32: fed the image-prep graph's outputs
+    ``prepared`` on ``feats``, against the torch modules on ``feats``."""
+    with torch.no_grad():
+        image = ImageGraph(engine).eval()(*feats)
+    prompts = prompts if mask_prompts else prompts[:2]
+    shapes = (
+        [list(t.shape) for t in image] + [[-1, -1, 2], [-1, -1]] + ([[-1, 1, LOW_RES, LOW_RES]] if mask_prompts else [])
+    )
+    name = decoder_name(multimask_output, mask_prompts)
+    # The trace keeps the branches its three prompts take (one image shared by every prompt, unless
+    # mask prompts give each its own): right for any N, and the check below runs N = 2.
+    model, compiled, want = _convert(
+        DecoderGraph(engine, multimask_output, mask_prompts).eval(),
+        f"the mask decoder ({name})",
+        (*image, *prompts),
+        shapes,
+        DECODER_INPUTS + ("masks",),
+    )
+    try:  # checked on two prompts, not the three it was traced with: N must really be dynamic
+        got = compiled([*prepared, *(t.numpy()[:2] for t in prompts)])
+    except Exception as e:
+        raise OpenVINOError(f"OpenVINO could not run the mask decoder ({name}): {one_line(e)}") from e
+    _check(name, ("logits", "IoU"), [w[:2] for w in want], (got[0], got[1]))
     return model
 
 
@@ -162,13 +210,15 @@ def export_graphs(
                 log.warning("int8-weights encoder: image embedding within %.2g%% of float32's (relative L2)", 100 * err)
             except QuantizeError as e:
                 log.warning("int8-weights encoder left out of the export: %s", e)
+        feats, prompts = _example(engine)
+        image_prep, prepared = _convert_image(engine, feats)
+        ov.save_model(image_prep, str(tmp / f"{IMAGE_PREP}.xml"), compress_to_fp16=False)
         decoders = {}
         for multimask in (True, False):
             for masks in (False, True):
                 name = decoder_name(multimask, masks)
-                ov.save_model(
-                    _convert_decoder(engine, multimask, masks), str(tmp / f"{name}.xml"), compress_to_fp16=False
-                )
+                model = _convert_decoder(engine, multimask, masks, feats, prompts, prepared)
+                ov.save_model(model, str(tmp / f"{name}.xml"), compress_to_fp16=False)
                 decoders[name] = f"{name}.xml"
         manifest = {
             "format": GRAPHS_FORMAT,
@@ -179,6 +229,7 @@ def export_graphs(
             "weights": engine.store_id.rsplit("|", 1)[-1],  # the weights' fingerprint (float32)
             "openvino": ov.get_version(),
             "encoders": encoders,
+            "image_prep": f"{IMAGE_PREP}.xml",
             "decoders": decoders,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
