@@ -93,6 +93,12 @@ def load_average() -> list[float] | None:
 ISA_CAP_ENV = (*cpu.ISA_CAP_ENV, "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "OV_CPU_MAX_ISA")
 
 
+# glibc's malloc settings and preloads that change how fast big tensors are allocated (glibc gives blocks
+# over 32 MB fresh pages each time unless its thresholds are raised; PyTorch's CPU tuning guide suggests
+# jemalloc or tcmalloc instead): a run under them is reported as such, both sides share the process.
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def facts(devices: list[str]) -> dict:
     """CPU, cores, threads, library versions, GPUs: everything a reader needs to weigh the numbers."""
     info = _cpuinfo()
@@ -113,6 +119,8 @@ def facts(devices: list[str]) -> dict:
         # CPU plugin, MKL, torch's own kernels), and the level torch's kernels dispatch to
         "isa_caps": {k: os.environ[k] for k in ISA_CAP_ENV if k in os.environ},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # the C allocator both sides run under: glibc's thresholds or a preloaded allocator, when set
+        "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
         "memory_gib": memory_gib(),
         "load_average_at_start": load_average(),
         "os": platform.platform(),

@@ -122,6 +122,8 @@ def machine_lines(machine: dict) -> list[str]:
         f"{', '.join(machine.get('cpu_int8_flags', [])) or 'none'}; memory {machine['memory_gib']} GiB",
         f"- Instruction sets used: torch kernels {machine.get('torch_cpu_capability')}; caps set: "
         + (", ".join(f"{k}={val}" for k, val in machine.get("isa_caps", {}).items()) or "none"),
+        "- C allocator: "
+        + (", ".join(f"{k}={val}" for k, val in machine.get("allocator_env", {}).items()) or "glibc as it comes"),
         f"- Load average at start / end: {machine.get('load_average_at_start')} / {machine.get('load_average_at_end')}",
         f"- Versions: python {machine['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- OS: {machine['os']}; MKL {machine['mkl']}, oneDNN {machine['mkldnn']}; "
