@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import transforms as T
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(..., T, heads·d) → (..., heads, T, d)."""
@@ -141,17 +143,11 @@ def _transformer(tr, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tenso
     return _ln(tr.layer_norm_final_attn, queries), x
 
 
-def _sub_pixels(feat: torch.Tensor, levels: int) -> torch.Tensor:
-    """(C, H·2^k, W·2^k) → (H·W·4^k... , C) rows in the order ``_upscaled_masks`` produces pixels.
-
-    Row order: source pixel (i, j), then the (a, b) offsets of each level; channels last.
-    """
-    c, h, w = feat.shape
-    s = 2**levels
-    f = feat.view(c, h // s, *([2] * levels), w // s, *([2] * levels))
-    # dims: c, i, a1..ak, j, b1..bk  →  i, j, a1, b1, ..., ak, bk, c
-    order = [1, 2 + levels] + [d for k in range(levels) for d in (2 + k, 3 + levels + k)] + [0]
-    return f.permute(order).reshape(-1, c)
+def sub_pixel_rows(feat: torch.Tensor, levels: int) -> torch.Tensor:
+    """(C, H·2^k, W·2^k) → (H·W·4^k, C) rows in the order ``_upscaled_masks`` produces pixels
+    (``transforms.sub_pixel_layout``): source pixel (i, j), then the (a, b) offsets of each level."""
+    view, order = T.sub_pixel_layout(tuple(feat.shape), levels)
+    return feat.view(view).permute(order).reshape(-1, feat.shape[0])
 
 
 def upscale_weights(decoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +163,13 @@ def upscale_addends(decoder, high_res) -> tuple[torch.Tensor, torch.Tensor]:
     sub-pixel row order, (L, 4·64) and (4·L, 4·32) for L image tokens (~12 MB for one image)."""
     s0, s1 = high_res
     l = s1.shape[1] * s1.shape[2] // 4
-    conv1, conv2 = decoder.upscale_conv1, decoder.upscale_conv2
-    add1 = (_sub_pixels(s1, 1) + conv1.bias).view(l, 4 * conv1.out_channels)
-    add2 = (_sub_pixels(s0, 2) + conv2.bias).view(4 * l, 4 * conv2.out_channels)
-    return add1, add2
+    return with_upscale_bias(decoder, sub_pixel_rows(s1, 1).reshape(l, -1), sub_pixel_rows(s0, 2).reshape(4 * l, -1))
+
+
+def with_upscale_bias(decoder, pixels1: torch.Tensor, pixels0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``upscale_addends`` from the features' sub-pixel rows, s1's (L, 4·64) and s0's (4·L, 4·32):
+    each row holds 4 sub-pixels' channels, so each level's bias repeats 4 times along it."""
+    return pixels1 + decoder.upscale_conv1.bias.repeat(4), pixels0 + decoder.upscale_conv2.bias.repeat(4)
 
 
 def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:

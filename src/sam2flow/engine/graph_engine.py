@@ -7,8 +7,9 @@ OpenCV and OpenVINO are loaded. Measured on a 2-core Xeon with AMX (hiera_tiny, 
 two 640 × 480 images, 10 boxes each, each side in a fresh process): peak RSS 709 MiB in bf16 and 927
 in float32, against 1,696 for Meta's predictor and 1,839 for ``Sam2Engine`` in float32.
 
-Decoding takes two graphs: the image-prep graph makes the decoder's per-image inputs once per image
-(kept for the last few images), then the decoder graph runs ``DECODE_CHUNK`` prompts at a time.
+An embedding holds the encoder's outputs in the layout the decoder graphs take (the image tokens and
+the high-resolution features' sub-pixel rows: a permutation, made once per image in numpy, 16 MB in
+float32), so each decoder run (``DECODE_CHUNK`` prompts) starts from them.
 
 Differences from ``Sam2Engine``: decoding runs on OpenVINO too (slower per prompt than our torch
 decoder: this engine is for memory, not for clicks); unprompted mode (``automatic``) is not
@@ -42,7 +43,7 @@ from .types import LOW_RES, AutomaticConfig, Prediction, Prompt, PromptArrays
 
 log = logging.getLogger(__name__)
 
-GRAPHS_FORMAT = 2  # the export format (``engine/graphs.py`` writes it): bump when inputs, outputs or files change
+GRAPHS_FORMAT = 3  # the export format (``engine/graphs.py`` writes it): bump when inputs, outputs or files change
 MANIFEST = "sam2flow-graphs.json"
 DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZE = ("auto", "none", "int8-weights")
@@ -54,18 +55,25 @@ DECODE_CHUNK = 4
 
 @dataclass(frozen=True)
 class GraphEmbedding:
-    """What the decoder graphs need of one image, as numpy float32: ``image_embed`` (256, 64, 64),
-    ``high_res_feats`` (32, 256, 256) and (64, 128, 128); ``original_size`` (H, W); ``key`` as
+    """What the decoder graphs need of one image, as numpy float32 (``transforms.decoder_inputs_array``
+    of the encoder's outputs): ``rows`` (4096, 256), the image tokens; ``pixels`` (4096, 256) and
+    (16384, 128), the high-resolution features' sub-pixel rows; ``original_size`` (H, W); ``key`` as
     ``ImageEmbedding.key`` (``"<model id>|<image id>"``)."""
 
-    image_embed: np.ndarray
-    high_res_feats: tuple[np.ndarray, np.ndarray]
+    rows: np.ndarray
+    pixels: tuple[np.ndarray, np.ndarray]
     original_size: tuple[int, int]
     key: str
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.image_embed, *self.high_res_feats))
+        return sum(a.nbytes for a in (self.rows, *self.pixels))
+
+    @property
+    def image_embed(self) -> np.ndarray:
+        """The image embedding (256, 64, 64) as the encoder gave it (``ImageEmbedding.image_embed``), a copy."""
+        side = int(round(self.rows.shape[0] ** 0.5))
+        return self.rows.T.reshape(self.rows.shape[1], side, side)
 
     @property
     def image_id(self) -> str:
@@ -91,15 +99,13 @@ def read_manifest(directory: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != GRAPHS_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ValueError(f"{path}: export format {found!r}, this sam2flow reads {GRAPHS_FORMAT}: export again")
-    for key in ("version", "input_size", "weights", "encoders", "image_prep", "decoders"):
+    for key in ("version", "input_size", "weights", "encoders", "decoders"):
         if key not in manifest:
             raise ValueError(f"{path} lacks {key!r}: export again")
-    graphs = [("encoder", name, file) for name, file in manifest["encoders"].items()]
-    graphs += [("graph", "image-prep", manifest["image_prep"])]
-    graphs += [("decoder", name, file) for name, file in manifest["decoders"].items()]
-    for kind, name, file in graphs:
-        if not (directory / file).is_file() or not (directory / file).with_suffix(".bin").is_file():
-            raise ValueError(f"{directory}: {kind} {name!r} ({file}) is missing: export again")
+    for kind in ("encoders", "decoders"):
+        for name, file in manifest[kind].items():
+            if not (directory / file).is_file() or not (directory / file).with_suffix(".bin").is_file():
+                raise ValueError(f"{directory}: {kind[:-1]} {name!r} ({file}) is missing: export again")
     return manifest
 
 
@@ -161,11 +167,7 @@ class GraphEngine:
         quant = "" if self.quantize == "none" else f"|{self.quantize}"
         # the same model id scheme as Sam2Engine's: version, backend, precision, device, weights
         self.model_id = f"{self.version}|{self.backend}|{self.dtype}|cpu|{self.manifest['weights']}{quant}"
-        self._decoders: dict[str, object] = {}  # compiled on first use, as is the image-prep graph
-        self._image_prep = None
-        # The decoder's per-image inputs (``engine/graphs.py``: rows, add1, add2; 16 MB an image) of the
-        # last few images decoded: made once per image, not once per decoder run.
-        self._prepared: EmbeddingCache = EmbeddingCache(4, 64 << 20, size_of=lambda v: sum(a.nbytes for a in v))
+        self._decoders: dict[str, object] = {}  # compiled on first use
         self._lock = threading.Lock()  # one graph runs at a time: each uses every core
         self._holding: object | None = None  # the compiled graph whose buffers are allocated
 
@@ -195,18 +197,6 @@ class GraphEngine:
             self._decoders[name] = self._compile(self.manifest["decoders"][name], compile_config(self._hint))
         return self._decoders[name]
 
-    def _prepare(self, emb: GraphEmbedding) -> tuple[np.ndarray, ...]:
-        """The image-prep graph's outputs for ``emb`` (cached); call with the lock held."""
-        key = (emb.key, emb.high_res_feats[0].ctypes.data)  # this image, these very features
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            if self._image_prep is None:
-                self._image_prep = self._compile(self.manifest["image_prep"], compile_config(self._hint))
-            self._use(self._image_prep)
-            prepared = tuple(a.copy() for a in self._image_prep([emb.image_embed, *emb.high_res_feats]).values())
-            self._prepared.put(key, prepared)
-        return prepared
-
     # ---- SegmentingEngine ------------------------------------------------------------------
 
     def embed(self, images: Sequence[np.ndarray], use_cache: bool = True) -> list[GraphEmbedding]:
@@ -222,8 +212,9 @@ class GraphEngine:
                 pixels = T.preprocess_array(rgb, self.input_size)
                 with self._lock:
                     self._use(self._encoder)
-                    embed, s0, s1 = (a[0].copy() for a in self._encoder(pixels).values())
-                hit = GraphEmbedding(embed, (s0, s1), rgb.shape[:2], key)
+                    embed, s0, s1 = (a[0] for a in self._encoder(pixels).values())
+                    rows, pixels1, pixels0 = T.decoder_inputs_array(embed, s0, s1)  # new arrays
+                hit = GraphEmbedding(rows, (pixels1, pixels0), rgb.shape[:2], key)
                 if use_cache:
                     self.cache.put(key, hit)
             out.append(hit)
@@ -290,11 +281,10 @@ class GraphEngine:
         lows, ious = [], []
         with self._lock:
             graph = self._decoder(multimask_output, mask is not None)
-            prepared = self._prepare(emb)
             self._use(graph)
             for start in range(0, len(xy), DECODE_CHUNK):
                 part = slice(start, start + DECODE_CHUNK)
-                inputs = [*prepared, xy[part], lab[part]]
+                inputs = [emb.rows, *emb.pixels, xy[part], lab[part]]
                 if mask is not None:
                     inputs.append(mask[part].astype(np.float32))
                 low, iou = graph(inputs).values()

@@ -6,22 +6,21 @@
   high-resolution features) as ``OpenVINOEncoder`` converts it: the same IR, checked against torch;
 - ``encoder-int8-weights/`` the same with int8 weights (NNCF), what ``dtype="auto"`` runs on a CPU
   without native bf16, when it compiles and passes its check (else left out, with a logged line);
-- ``image-prep.xml`` the decoder's per-image inputs, made once per image: ``image_embed``
-  (256, 64, 64), ``s0`` (32, 256, 256), ``s1`` (64, 128, 128) → ``rows`` (4096, 256), the image
-  tokens, and ``add1`` (4096, 256) / ``add2`` (16384, 128), what each upscaling level adds
-  (``decoder.image_rows``, ``decoder.upscale_operands``);
 - ``decoder-{multi,single}[-mask].xml`` the prompt encoder and the fused mask decoder
   (``engine/decoder.py``) for N prompts of one image, with and without ``multimask_output``, with and
-  without mask prompts. Inputs: ``rows``, ``add1``, ``add2`` (above), ``coords`` (N, P, 2) float32
-  in the 1024 input frame, ``labels`` (N, P) int32 (2, 3 for a box's corners, 1/0 for clicks) and,
-  for ``-mask``, ``masks`` (N, 1, 256, 256) logits. Outputs: the best candidate's low-resolution
-  logits (N, 1, 256, 256) and predicted IoU (N, 1), as ``Sam2Engine`` selects them (best of three,
-  or SAM2's stability fall-back for a single mask). N and P are dynamic;
+  without mask prompts. Inputs: one image's encoder outputs as ``transforms.decoder_inputs_array``
+  gives them (``rows`` (4096, 256), the image tokens; ``pixels1`` (4096, 256) and ``pixels0``
+  (16384, 128), the high-resolution features' sub-pixel rows: GraphEngine makes them once per image),
+  ``coords`` (N, P, 2) float32 in the 1024 input frame, ``labels`` (N, P) int32 (2, 3 for a box's
+  corners, 1/0 for clicks) and, for ``-mask``, ``masks`` (N, 1, 256, 256) logits. Outputs: the best
+  candidate's low-resolution logits (N, 1, 256, 256) and predicted IoU (N, 1), as ``Sam2Engine``
+  selects them (best of three, or SAM2's stability fall-back for a single mask). N and P are dynamic;
 - ``sam2flow-graphs.json``: what the graphs are (version, family, sizes, the weights' fingerprint,
   the OpenVINO version, the files).
 
-The image-prep graph, and every decoder graph fed by it, is checked against torch in float32 on one
-embedded image before it is kept (``OpenVINOError`` above 1e-3 of the outputs' scale). Converting
+Every decoder graph, fed by the numpy ``decoder_inputs_array``, is checked against the torch
+decoder in float32 on one embedded image before it is kept (``OpenVINOError`` above 1e-3 of the
+outputs' scale). Converting
 takes ~30 s for hiera_tiny, the int8 weights ~20 s more. The folder is written under a temporary name and renamed.
 """
 
@@ -39,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .decoder import decode, image_rows, prompted_image, upscale_addends, upscale_weights
+from . import transforms as T
+from .decoder import decode, image_rows, prompted_image, upscale_weights, with_upscale_bias
 from .engine import Sam2Engine
 from .graph_engine import GRAPHS_FORMAT, MANIFEST, decoder_name
 from .openvino_encoder import Layout, _check_pixels, _quantize
@@ -48,20 +48,7 @@ from .types import LOW_RES
 
 log = logging.getLogger(__name__)
 
-IMAGE_INPUTS, IMAGE_OUTPUTS = ("image_embed", "s0", "s1"), ("rows", "add1", "add2")
-DECODER_INPUTS = (*IMAGE_OUTPUTS, "coords", "labels")
-IMAGE_PREP = "image-prep"
-
-
-class ImageGraph(nn.Module):
-    """The decoder's per-image inputs (``IMAGE_OUTPUTS``) from one image's features, float32."""
-
-    def __init__(self, engine: Sam2Engine):
-        super().__init__()
-        self.decoder = engine.model.mask_decoder
-
-    def forward(self, image_embed, s0, s1):
-        return (image_rows(image_embed, torch.float32), *upscale_addends(self.decoder, (s0, s1)))
+DECODER_INPUTS = ("rows", "pixels1", "pixels0", "coords", "labels")
 
 
 class DecoderGraph(nn.Module):
@@ -77,17 +64,17 @@ class DecoderGraph(nn.Module):
         self.multimask_output = multimask_output
         self.mask_prompts = mask_prompts
 
-    def forward(self, rows, add1, add2, coords, labels, masks=None):
+    def forward(self, rows, pixels1, pixels0, coords, labels, masks=None):
         sparse, _ = self.prompt_encoder(coords[:, None], labels[:, None], None, None)
         image = prompted_image(rows, self.prompt_encoder, masks)
-        w1, w2 = upscale_weights(self.decoder)
+        (w1, w2), (add1, add2) = upscale_weights(self.decoder), with_upscale_bias(self.decoder, pixels1, pixels0)
         operands = (w1, add1, w2, add2)
         # every prompt in one chunk: the caller bounds N (a traced loop over chunks would fix N)
         return decode(self.decoder, image, self.pos, self.grid, sparse, operands, self.multimask_output, 1 << 30, True)
 
 
 def _example(engine: Sam2Engine) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """One embedded seeded image's features (``IMAGE_INPUTS``) and three prompts (a box, a box with a
+    """One embedded seeded image's encoder outputs (image_embed, s0, s1) and three prompts (a box, a box with a
     click, a box with two: coords, labels, and mask logits for the ``-mask`` graphs), float32."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
@@ -131,21 +118,10 @@ def _convert(module: nn.Module, name: str, example, shapes, inputs, outputs=()):
     return model, compiled, want
 
 
-def _convert_image(engine: Sam2Engine, feats: tuple[torch.Tensor, ...]):
-    """The image-prep graph, checked; and its float32 outputs on ``feats`` (numpy)."""
-    model, compiled, want = _convert(
-        ImageGraph(engine).eval(), IMAGE_PREP, feats, [list(t.shape) for t in feats], IMAGE_INPUTS, IMAGE_OUTPUTS
-    )
-    got = tuple(compiled([t.numpy() for t in feats]).values())
-    _check(IMAGE_PREP, IMAGE_OUTPUTS, want, got)
-    return model, got
-
-
-def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool, feats, prompts, prepared):
-    """One decoder graph, converted and checked in float32: fed the image-prep graph's outputs
-    ``prepared`` on ``feats``, against the torch modules on ``feats``."""
-    with torch.no_grad():
-        image = ImageGraph(engine).eval()(*feats)
+def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool, feats, prompts):
+    """One decoder graph, converted and checked in float32 against the torch module, both fed
+    ``decoder_inputs_array`` of the encoder outputs ``feats``."""
+    image = tuple(torch.from_numpy(a) for a in T.decoder_inputs_array(*(t.numpy() for t in feats)))
     prompts = prompts if mask_prompts else prompts[:2]
     shapes = (
         [list(t.shape) for t in image] + [[-1, -1, 2], [-1, -1]] + ([[-1, 1, LOW_RES, LOW_RES]] if mask_prompts else [])
@@ -161,7 +137,7 @@ def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: b
         DECODER_INPUTS + ("masks",),
     )
     try:  # checked on two prompts, not the three it was traced with: N must really be dynamic
-        got = compiled([*prepared, *(t.numpy()[:2] for t in prompts)])
+        got = compiled([*(t.numpy() for t in image), *(t.numpy()[:2] for t in prompts)])
     except Exception as e:
         raise OpenVINOError(f"OpenVINO could not run the mask decoder ({name}): {one_line(e)}") from e
     _check(name, ("logits", "IoU"), [w[:2] for w in want], (got[0], got[1]))
@@ -211,13 +187,11 @@ def export_graphs(
             except QuantizeError as e:
                 log.warning("int8-weights encoder left out of the export: %s", e)
         feats, prompts = _example(engine)
-        image_prep, prepared = _convert_image(engine, feats)
-        ov.save_model(image_prep, str(tmp / f"{IMAGE_PREP}.xml"), compress_to_fp16=False)
         decoders = {}
         for multimask in (True, False):
             for masks in (False, True):
                 name = decoder_name(multimask, masks)
-                model = _convert_decoder(engine, multimask, masks, feats, prompts, prepared)
+                model = _convert_decoder(engine, multimask, masks, feats, prompts)
                 ov.save_model(model, str(tmp / f"{name}.xml"), compress_to_fp16=False)
                 decoders[name] = f"{name}.xml"
         manifest = {
@@ -229,7 +203,6 @@ def export_graphs(
             "weights": engine.store_id.rsplit("|", 1)[-1],  # the weights' fingerprint (float32)
             "openvino": ov.get_version(),
             "encoders": encoders,
-            "image_prep": f"{IMAGE_PREP}.xml",
             "decoders": decoders,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -156,6 +156,30 @@ def clean_regions(low_res: np.ndarray, max_hole_area: int, max_sprinkle_area: in
 # ---- the same maths on numpy arrays (``GraphEngine``) --------------------------------------------
 
 
+def sub_pixel_layout(shape: tuple[int, ...], levels: int) -> tuple[tuple[int, ...], list[int]]:
+    """How features (C, H·2^k, W·2^k) become rows in the decoder's sub-pixel order: the view
+    (C, H, 2 × k, W, 2 × k) and the permutation of it to (H, W, a1, b1, ..., ak, bk, C). Row order:
+    source pixel (i, j), then the (a, b) offsets of each level; channels last (``decoder.sub_pixel_rows``)."""
+    c, h, w = shape
+    s = 2**levels
+    view = (c, h // s, *([2] * levels), w // s, *([2] * levels))
+    order = [1, 2 + levels] + [d for k in range(levels) for d in (2 + k, 3 + levels + k)] + [0]
+    return view, order
+
+
+def decoder_inputs_array(image_embed: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One image's encoder outputs (256, H, W), (32, 4H, 4W), (64, 2H, 2W) as the decoder graphs take
+    them: the image tokens (H·W, 256) and the sub-pixel rows of s1 (H·W, 4·64) and s0 (4·H·W, 4·32)
+    (``decoder.image_rows``, ``decoder.sub_pixel_rows``), contiguous float32."""
+    c, h, w = image_embed.shape
+    rows = np.ascontiguousarray(image_embed.reshape(c, h * w).T, np.float32)
+    pixels = []
+    for feat, levels, n in ((s1, 1, h * w), (s0, 2, 4 * h * w)):
+        view, order = sub_pixel_layout(feat.shape, levels)
+        pixels.append(np.ascontiguousarray(feat.reshape(view).transpose(order), np.float32).reshape(n, -1))
+    return rows, pixels[0], pixels[1]
+
+
 def _taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
     """Source indices and weights (n_out, K) of a bilinear resampling of ``n_in`` samples to ``n_out``.
 
