@@ -4,8 +4,8 @@ For batch work on CPUs where memory counts (a container per worker, many workers
 image encoder and the prompt decoder run as the graphs ``export_graphs`` wrote (``engine/graphs.py``),
 pre- and post-processing in numpy (``engine/transforms.py``, torch's own resampling). Only numpy,
 OpenCV and OpenVINO are loaded. Measured on a 2-core Xeon with AMX (hiera_tiny, the workflow step on
-two 640 × 480 images, 10 boxes each, each side in a fresh process): peak RSS 709 MiB in bf16 and 927
-in float32, against 1,696 for Meta's predictor and 1,839 for ``Sam2Engine`` in float32.
+two 640 × 480 images, 10 boxes each, each side in a fresh process): peak RSS 714 MiB in bf16 and 932
+in float32, against 1,671 for Meta's predictor and 1,757 for ``Sam2Engine`` in float32.
 
 An embedding holds the encoder's outputs in the layout the decoder graphs take (the image tokens and
 the high-resolution features' sub-pixel rows: a permutation, made once per image in numpy, 16 MB in
