@@ -18,10 +18,10 @@
 - ``sam2flow-graphs.json``: what the graphs are (version, family, sizes, the weights' fingerprint,
   the OpenVINO version, the files).
 
-Every decoder graph, fed by the numpy ``decoder_inputs_array``, is checked against the torch
-decoder in float32 on one embedded image before it is kept (``OpenVINOError`` above 1e-3 of the
-outputs' scale). Converting
-takes ~30 s for hiera_tiny, the int8 weights ~20 s more. The folder is written under a temporary name and renamed.
+Every decoder graph is checked against the torch decoder in float32 on one embedded image before it
+is kept, both fed ``decoder_inputs_array`` (``OpenVINOError`` above 1e-3 of the logits' scale).
+Converting takes ~30 s for hiera_tiny, the int8 weights ~20 s more. The folder is written under a
+temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -87,60 +87,41 @@ def _example(engine: Sam2Engine) -> tuple[tuple[torch.Tensor, ...], tuple[torch.
     return (emb.image_embed.float(), *(f.float() for f in emb.high_res_feats)), (coords, labels, masks)
 
 
-def _check(name: str, outputs: tuple[str, ...], want, got) -> None:
-    """OpenVINO's float32 outputs ``got`` against torch's ``want``: ``OpenVINOError`` past 1e-3 of their scale."""
-    for what, w, g in zip(outputs, want, got):
-        w = w.numpy()
+def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool, feats, prompts):
+    """One decoder graph, converted and checked in float32 against the torch module, both fed
+    ``decoder_inputs_array`` of the encoder outputs ``feats``; ``prompts`` from ``_example``."""
+    import openvino as ov
+
+    module = DecoderGraph(engine, multimask_output, mask_prompts).eval()
+    image = tuple(torch.from_numpy(a) for a in T.decoder_inputs_array(*(t.numpy() for t in feats)))
+    prompts = prompts if mask_prompts else prompts[:2]
+    example = (*image, *prompts)
+    shapes = [list(t.shape) for t in image] + [[-1, -1, 2], [-1, -1]]
+    if mask_prompts:
+        shapes.append([-1, 1, LOW_RES, LOW_RES])
+    name = decoder_name(multimask_output, mask_prompts)
+    try:
+        # The trace keeps the branches its three prompts take (one image shared by every prompt, unless
+        # mask prompts give each its own): right for any N, and the check below runs N = 2.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            want = module(*example)
+            model = ov.convert_model(module, example_input=example, input=[ov.PartialShape(s) for s in shapes])
+        for port, key in zip(model.inputs, DECODER_INPUTS + ("masks",)):
+            port.get_tensor().set_names({key})
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        # checked on two prompts, not the three it was traced with: N must really be dynamic
+        got = compiled([t.numpy() for t in image] + [t.numpy()[:2] for t in prompts])
+    except Exception as e:  # the converter's and plugin's own errors are of many types
+        raise OpenVINOError(f"OpenVINO could not convert the mask decoder ({name}): {one_line(e)}") from e
+    for what, w, g in zip(("logits", "IoU"), want, (got[0], got[1])):
+        w = w[:2].numpy()
         err = float(np.abs(w - g).max()) if w.shape == g.shape else float("inf")
         scale = max(1.0, float(np.abs(w).max()))
         if not err <= 1e-3 * scale:
             raise OpenVINOError(
                 f"OpenVINO's float32 {name} {what} differ from torch's by {err:.3g} (scale {scale:.3g})"
             )
-
-
-def _convert(module: nn.Module, name: str, example, shapes, inputs, outputs=()):
-    """``module`` traced on ``example`` and converted, its ports named; and torch's outputs on it."""
-    import openvino as ov
-
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            want = module(*example)
-            model = ov.convert_model(module, example_input=example, input=[ov.PartialShape(s) for s in shapes])
-        for port, key in zip(model.inputs, inputs):
-            port.get_tensor().set_names({key})
-        for port, key in zip(model.outputs, outputs):
-            port.get_tensor().set_names({key})
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    except Exception as e:  # the converter's and plugin's own errors are of many types
-        raise OpenVINOError(f"OpenVINO could not convert {name}: {one_line(e)}") from e
-    return model, compiled, want
-
-
-def _convert_decoder(engine: Sam2Engine, multimask_output: bool, mask_prompts: bool, feats, prompts):
-    """One decoder graph, converted and checked in float32 against the torch module, both fed
-    ``decoder_inputs_array`` of the encoder outputs ``feats``."""
-    image = tuple(torch.from_numpy(a) for a in T.decoder_inputs_array(*(t.numpy() for t in feats)))
-    prompts = prompts if mask_prompts else prompts[:2]
-    shapes = (
-        [list(t.shape) for t in image] + [[-1, -1, 2], [-1, -1]] + ([[-1, 1, LOW_RES, LOW_RES]] if mask_prompts else [])
-    )
-    name = decoder_name(multimask_output, mask_prompts)
-    # The trace keeps the branches its three prompts take (one image shared by every prompt, unless
-    # mask prompts give each its own): right for any N, and the check below runs N = 2.
-    model, compiled, want = _convert(
-        DecoderGraph(engine, multimask_output, mask_prompts).eval(),
-        f"the mask decoder ({name})",
-        (*image, *prompts),
-        shapes,
-        DECODER_INPUTS + ("masks",),
-    )
-    try:  # checked on two prompts, not the three it was traced with: N must really be dynamic
-        got = compiled([*(t.numpy() for t in image), *(t.numpy()[:2] for t in prompts)])
-    except Exception as e:
-        raise OpenVINOError(f"OpenVINO could not run the mask decoder ({name}): {one_line(e)}") from e
-    _check(name, ("logits", "IoU"), [w[:2] for w in want], (got[0], got[1]))
     return model
 
 
