@@ -113,7 +113,7 @@ def facts(devices: list[str]) -> dict:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_bf16_flags": sorted(flags & (cpu.BF16_CPU_FLAGS | {"amx_tile", "avx512f", "avx2", "avx512_fp16"})),
         # int8 dot products in hardware (what the int8 rows use): AVX512-VNNI, AVX-VNNI, AMX-INT8
-        "cpu_int8_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+        "cpu_int8_flags": sorted(flags & cpu.INT8_DOT_CPU_FLAGS),
         "native_bf16": precision.native_bf16(torch.device("cpu")),
         # instruction-set caps a run may set to stand in for an older CPU (oneDNN in torch and in OpenVINO's
         # CPU plugin, MKL, torch's own kernels), and the level torch's kernels dispatch to

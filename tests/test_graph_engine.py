@@ -176,10 +176,14 @@ def test_auto_is_bf16_here_and_keeps_the_guard(graphs, graph_engine):
 
 
 def test_int8_weights_keep_the_guard(graphs, graph_engine, monkeypatch):
-    """Where ``auto`` means float32 (a CPU without native bf16): the int8-weights encoder, within the guard."""
+    """Where ``auto`` means float32 (a CPU without native bf16) and the CPU has int8 dot products: the
+    int8-weights encoder, within the guard. Without them (OpenVINO then multiplies int8 weights in
+    float, no faster), the float encoder."""
     import sam2flow.engine.graph_engine as ge
 
     monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert (GraphEngine(graphs).dtype, GraphEngine(graphs).quantize) == ("float32", "none")
+    monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     small = GraphEngine(graphs)
     assert small.dtype == "float32" and small.quantize == "int8-weights"
     _guard(small, graph_engine)
@@ -193,7 +197,7 @@ def test_int8_weights_that_will_not_compile_fall_back_to_float(graphs, graph_eng
     import sam2flow.engine.graph_engine as ge
 
     refuse_dynamic_quantization(monkeypatch)
-    monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     with caplog.at_level(logging.WARNING, logger="sam2flow.engine.graph_engine"):
         engine = GraphEngine(graphs)
     assert (engine.dtype, engine.quantize) == ("float32", "none")

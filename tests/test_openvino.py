@@ -169,7 +169,8 @@ def test_an_int8_encoder_that_will_not_compile_falls_back_to_float_openvino(
     from sam2flow.engine import precision
 
     refuse_dynamic_quantization(monkeypatch)
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no bf16: auto is float32
+    # no bf16 (auto is float32), int8 dot products (auto quantises the weights)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     with caplog.at_level(logging.WARNING, logger="sam2flow.engine.engine"):
         engine = Sam2Engine.from_pretrained(checkpoint=str(tiny_checkpoint), device="cpu", backend="openvino")
     monkeypatch.undo()
@@ -182,10 +183,13 @@ def test_an_int8_encoder_that_will_not_compile_falls_back_to_float_openvino(
     np.testing.assert_array_equal(engine.segment(image, boxes).masks, ov_engine.segment(image, boxes).masks)
 
 
-def test_quantize_choice(tiny_checkpoint, tmp_path):
+def test_quantize_choice(tiny_checkpoint, tmp_path, monkeypatch):
     """``auto`` quantises the weights only where ``dtype="auto"`` means float32 on OpenVINO (a CPU without
     native bf16) for batch work; int8 activations need calibration images; bad combinations say why."""
+    from sam2flow.engine import precision
+
     f32, bf16 = torch.float32, torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))  # int8 dot products
     assert resolve_quantize("auto", "auto", f32, "openvino", False) == "int8-weights"
     assert resolve_quantize("auto", "auto", f32, "openvino", False, interactive=True) == "none"
     assert resolve_quantize("auto", "float32", f32, "openvino", False) == "none"  # float32 asked for: exact

@@ -87,6 +87,33 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert precision.resolve_dtype("auto", torch.device("mps")) == torch.float32
 
 
+def test_auto_quantises_weights_only_with_int8_dot_products(monkeypatch):
+    """quantize="auto" on a CPU without native bf16: int8 weights where the CPU has int8 dot products
+    (VNNI, AMX-INT8) and oneDNN is not capped below them; elsewhere OpenVINO multiplies int8 weights
+    in float, no faster than float weights, so the float encoder."""
+    import torch
+
+    from sam2flow.engine import precision
+
+    def auto(flags: set[str]) -> str:
+        monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+        return precision.resolve_quantize("auto", "auto", torch.float32, "openvino", False)
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert auto({"avx2", "fma"}) == "none"  # Haswell to Coffee Lake, Zen 1-3
+    assert auto({"avx2", "fma", "avx_vnni"}) == "int8-weights"  # Alder Lake
+    assert auto({"avx512f", "avx512_vnni"}) == "int8-weights"  # Cascade Lake, Ice Lake
+    assert auto({"avx512f", "avx512_vnni", "amx_int8"}) == "int8-weights"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a VNNI CPU capped to stand in for an AVX2 one
+    assert auto({"avx512f", "avx512_vnni", "avx_vnni"}) == "none"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2_vnni")  # keeps AVX-VNNI only
+    assert auto({"avx512f", "avx512_vnni"}) == "none"
+    assert auto({"avx512f", "avx512_vnni", "avx_vnni"}) == "int8-weights"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert auto({"avx512f", "avx512_vnni"}) == "int8-weights"
+
+
 def test_engine_default_is_auto(tiny_checkpoint):
     import torch
 

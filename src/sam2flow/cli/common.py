@@ -59,7 +59,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
         "--quantize",
         default="auto",
         choices=QUANTIZE_CHOICES,
-        help="OpenVINO encoder: int8-weights (no data needed; auto picks it on CPUs without bf16), "
+        help="OpenVINO encoder: int8-weights (no data needed; auto picks it on CPUs with VNNI but without bf16), "
         "int8 (activations too: needs --calibration), none",
     )
     p.add_argument(

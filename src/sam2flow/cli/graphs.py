@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--no-int8-weights",
         action="store_true",
-        help="leave out the int8-weights encoder (what dtype auto runs on a CPU without native bf16)",
+        help="leave out the int8-weights encoder (what dtype auto runs on a CPU with VNNI but without native bf16)",
     )
     p.set_defaults(run=run)
 

@@ -143,7 +143,8 @@ class Sam2Engine:
     ``store`` (``engine.store.EmbeddingStore``): embeddings kept on disk; ``embed`` looks there after
     the cache and before the encoder, and writes what it computes when the store is writable.
     ``quantize`` (OpenVINO only; ``precision.resolve_quantize``): ``"int8-weights"`` (no data needed;
-    ``"auto"`` picks it where ``dtype="auto"`` means float32 on a CPU, i.e. one without native bf16),
+    ``"auto"`` picks it where ``dtype="auto"`` means float32 on a CPU, i.e. one without native bf16,
+    and the CPU has int8 dot products),
     ``"int8"`` (activations too, calibrated once on ``calibration``, RGB images like yours) or ``"none"``.
     Quantisations asked for by name raise ``ValueError`` if they fail; ``"auto"`` logs a line and runs
     the float encoder.

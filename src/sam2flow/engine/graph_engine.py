@@ -36,7 +36,7 @@ import numpy as np
 
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
-from .cpu import cpu_bf16, cpu_flags
+from .cpu import cpu_bf16, cpu_flags, cpu_int8_dot
 from .openvino_plugin import OpenVINOError, cache_root, compile_config, compiled_cache_dir, one_line
 from .prompts import group_prompts, prompt_arrays, prompt_points
 from .types import LOW_RES, AutomaticConfig, Prediction, Prompt, PromptArrays
@@ -114,10 +114,10 @@ class GraphEngine:
 
     ``directory``: the export. ``dtype``: ``"auto"`` (bfloat16 where the CPU has it natively, else
     float32), ``"float32"`` (the reference's arithmetic) or ``"bfloat16"``. ``quantize``: ``"auto"``
-    (int8 weights for the encoder where ``auto`` means float32, as ``Sam2Engine`` does, if the export
-    has them), ``"none"`` or ``"int8-weights"``. ``cache``: embeddings by image content (shared if
-    given). ``low_memory``: keep one graph's working memory at a time (see the module docstring).
-    Bad input raises ``ValueError`` naming it.
+    (int8 weights for the encoder where ``auto`` means float32 and the CPU has int8 dot products, as
+    ``Sam2Engine`` does, if the export has them), ``"none"`` or ``"int8-weights"``. ``cache``:
+    embeddings by image content (shared if given). ``low_memory``: keep one graph's working memory at
+    a time (see the module docstring). Bad input raises ``ValueError`` naming it.
     """
 
     backend = "openvino-graphs"
@@ -143,7 +143,8 @@ class GraphEngine:
         encoders = self.manifest["encoders"]
         auto_quantize = quantize == "auto"
         if auto_quantize:
-            quantize = "int8-weights" if dtype == "auto" and not bf16 and "int8-weights" in encoders else "none"
+            pays = dtype == "auto" and not bf16 and cpu_int8_dot(cpu_flags())  # as ``precision.resolve_quantize``
+            quantize = "int8-weights" if pays and "int8-weights" in encoders else "none"
         if quantize not in encoders:
             raise ValueError(f"{self.directory} has no {quantize} encoder (it has: {', '.join(encoders)})")
         self.quantize = quantize

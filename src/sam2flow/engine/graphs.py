@@ -5,7 +5,7 @@
 - ``encoder/`` the image side (pixels (1, 3, S, S) → image embedding and the two projected
   high-resolution features) as ``OpenVINOEncoder`` converts it: the same IR, checked against torch;
 - ``encoder-int8-weights/`` the same with int8 weights (NNCF), what ``dtype="auto"`` runs on a CPU
-  without native bf16, when it compiles and passes its check (else left out, with a logged line);
+  without native bf16 but with VNNI, when it compiles and passes its check (else left out, with a logged line);
 - ``decoder-{multi,single}[-mask].xml`` the prompt encoder and the fused mask decoder
   (``engine/decoder.py``) for N prompts of one image, with and without ``multimask_output``, with and
   without mask prompts. Inputs: one image's encoder outputs as ``transforms.decoder_inputs_array``
