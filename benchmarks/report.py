@@ -293,7 +293,7 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "(ours: sam2flow with torch and transformers; the reference: torch and Meta's `sam2`; `ours (graphs)`: "
         "sam2flow's `GraphEngine`, OpenVINO and numpy, no torch), loads the model and runs case 3 once; each "
         "side in its own process. `ours` runs in float32; `ours (graphs)` in float32 and `ours (graphs, auto)` "
-        'as `dtype="auto"` picks (bf16 where native, else int8 weights).',
+        'as `dtype="auto"` picks (bf16 where native, else int8 weights where the CPU has VNNI, else float32).',
         "6. **click**: milliseconds per click on an embedded 800×600 scene, 1 to 5 points per object (each click "
         "one more point, the previous prompt's low-res logits as mask input): ours through `sam2flow serve` in a "
         "process of its own, over HTTP on loopback (`POST /page/decode`: RLE, box and score back), vs "
@@ -316,8 +316,8 @@ def markdown(results: dict, machine: dict, chart_path: Path | None, md_path: Pat
         "0.97 against float32; they are compared with the reference under `torch.autocast(bf16)`. "
         "`ours (torch)` / `ours (openvino)` and their bf16 rows run the other encoder backend, against the "
         "reference in float32. `ours (int8 weights)` is OpenVINO with int8 weights and float32 activations (what "
-        '`dtype="auto"` runs on a CPU without bf16: the stand-in for such CPUs); `ours (int8)` quantises the '
-        'activations too (`quantize="int8"`, calibrated on generated scenes that are never timed: '
+        '`dtype="auto"` runs on a CPU without bf16 but with VNNI: the stand-in for such CPUs); `ours (int8)` '
+        'quantises the activations too (`quantize="int8"`, calibrated on generated scenes that are never timed: '
         '`data.calibration_images`), at `dtype="auto"`. '
         "Both are against the reference in float32; the step notes their masks' IoU with our float32 ones. "
         "`ours (graphs)` is `GraphEngine` (a CPU process without torch: the encoder and the prompt decoder as "
