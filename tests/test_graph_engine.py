@@ -182,7 +182,9 @@ def test_int8_weights_keep_the_guard(graphs, graph_engine, monkeypatch):
     import sam2flow.engine.graph_engine as ge
 
     monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert (GraphEngine(graphs).dtype, GraphEngine(graphs).quantize) == ("float32", "none")
+    no_vnni = GraphEngine(graphs)
+    assert (no_vnni.dtype, no_vnni.quantize) == ("float32", "none")
+    del no_vnni
     monkeypatch.setattr(ge, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     small = GraphEngine(graphs)
     assert small.dtype == "float32" and small.quantize == "int8-weights"

@@ -172,9 +172,10 @@ def with_upscale_bias(decoder, pixels1: torch.Tensor, pixels0: torch.Tensor) -> 
     return pixels1 + decoder.upscale_conv1.bias.repeat(4), pixels0 + decoder.upscale_conv2.bias.repeat(4)
 
 
-def upscale_operands(decoder, high_res) -> tuple[torch.Tensor, ...]:
-    """``(w1, add1, w2, add2)``: ``upscale_weights`` and this image's ``upscale_addends``."""
-    (w1, w2), (add1, add2) = upscale_weights(decoder), upscale_addends(decoder, high_res)
+def upscale_operands(decoder, addends: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(w1, add1, w2, add2)``: ``upscale_weights`` and one image's ``addends`` (``upscale_addends``,
+    or ``with_upscale_bias`` of rows made elsewhere), in the order ``decode`` takes them."""
+    (w1, w2), (add1, add2) = upscale_weights(decoder), addends
     return w1, add1, w2, add2
 
 

@@ -22,7 +22,7 @@ from ..models.weights import load_model
 from . import transforms as T
 from .cache import EmbeddingCache, content_hash
 from .cuda_graphs import CudaGraphEncoder, cuda_graphs_wanted
-from .decoder import decode, image_rows, prompted_image, upscale_operands
+from .decoder import decode, image_rows, prompted_image, upscale_addends, upscale_operands
 from .encoders import ImageEncoder, ImageSide, TorchEncoder, resolve_backend
 from .fast import add_pause_points, streamline_encoder
 from .precision import decoder_dtype, pick_device, resolve_dtype, resolve_quantize
@@ -490,7 +490,10 @@ class Sam2Engine:
             cached = self._operands.get(key)
             if cached is None:  # the image tokens in the decoder's precision, and the upscale_operands
                 high_res = tuple(f.to(dd) for f in emb.high_res_feats)
-                cached = (image_rows(emb.image_embed, dd), *upscale_operands(self._decoder, high_res))
+                cached = (
+                    image_rows(emb.image_embed, dd),
+                    *upscale_operands(self._decoder, upscale_addends(self._decoder, high_res)),
+                )
                 self._operands.put(key, cached)
             rows, *operands = cached
             # A single prompt's token-sized work in float32 (``engine/decoder.py``: Precision).

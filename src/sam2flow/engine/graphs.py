@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import transforms as T
-from .decoder import decode, image_rows, prompted_image, upscale_weights, with_upscale_bias
+from .decoder import decode, image_rows, prompted_image, upscale_operands, with_upscale_bias
 from .engine import Sam2Engine
 from .graph_engine import GRAPHS_FORMAT, MANIFEST, decoder_name
 from .openvino_encoder import Layout, _check_pixels, _quantize
@@ -67,8 +67,7 @@ class DecoderGraph(nn.Module):
     def forward(self, rows, pixels1, pixels0, coords, labels, masks=None):
         sparse, _ = self.prompt_encoder(coords[:, None], labels[:, None], None, None)
         image = prompted_image(rows, self.prompt_encoder, masks)
-        (w1, w2), (add1, add2) = upscale_weights(self.decoder), with_upscale_bias(self.decoder, pixels1, pixels0)
-        operands = (w1, add1, w2, add2)
+        operands = upscale_operands(self.decoder, with_upscale_bias(self.decoder, pixels1, pixels0))
         # every prompt in one chunk: the caller bounds N (a traced loop over chunks would fix N)
         return decode(self.decoder, image, self.pos, self.grid, sparse, operands, self.multimask_output, 1 << 30, True)
 
